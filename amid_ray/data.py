@@ -1,0 +1,345 @@
+"""Instruction data: loading (MiniLLM / Dolly / Alpaca rows), prompts, tokenisation, collators.
+
+Rows may come from a `.jsonl` file, a `.json` list of objects, or a Hugging Face `datasets`
+folder written by `save_to_disk`. Three row formats are recognised, per row:
+
+- MiniLLM processed: `instruction`, `input`, `output` (a string or a list of references),
+  optional `prompt` (the template already applied);
+- Dolly raw: `instruction`, `context`, `response`, `category` (when there is no `output`);
+- Alpaca: `instruction`, `input`, `output`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+RESPONSE_CUE = "### Response:\n"
+
+_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n" + RESPONSE_CUE
+)
+_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n" + RESPONSE_CUE
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class InstructionExample:
+    """One instruction-following item.
+
+    `response` is the training target (the first reference); `references` holds every
+    reference, used for ROUGE-L; `source` says where the row came from ("file.jsonl:12").
+    """
+
+    prompt: str
+    response: str
+    references: tuple[str, ...]
+    source: str
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as instruction data; says where and what was expected."""
+
+    def __init__(self, file: str, location: str, field: str | None, problem: str) -> None:
+        where = f"{file}: {location}" if location else file
+        what = f"field '{field}': {problem}" if field else problem
+        super().__init__(f"{where}: {what}")
+
+
+def build_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca template used by MiniLLM; the "### Input:" block only for a non-empty `input`."""
+    if input:
+        return _PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return _PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def load_examples(path: str | Path, *, limit: int | None = None) -> list[InstructionExample]:
+    """Read instruction examples from a `.jsonl` file, a `.json` list or a `datasets` folder.
+
+    The format is detected per row (see the module docstring). A row without `prompt` gets one
+    from `build_prompt`. Optional fields that are null count as absent (datasets fill missing
+    columns with None). `limit` keeps only the first `limit` rows. Raises `DataError` naming
+    the file, the 1-based line (row for `datasets` folders) and the field.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    path = Path(path)
+    if path.is_dir():
+        rows = _dataset_rows(path)
+    elif not path.exists():
+        raise DataError(str(path), "", None, "no such file or folder")
+    elif path.suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif path.suffix == ".json":
+        rows = _json_list_rows(path)
+    else:
+        raise DataError(
+            path.name, "", None, "expected a .jsonl or .json file or a datasets save_to_disk folder"
+        )
+    examples = []
+    for line, row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(_parse_row(row, path.name, line))
+    return examples
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    path.name, f"line {number}", None, f"malformed JSON ({error.msg})"
+                ) from None
+
+
+def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Walk a top-level JSON list item by item so each row keeps the line it starts on."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+
+    def line_at(offset: int) -> str:
+        return f"line {text.count(chr(10), 0, offset) + 1}"
+
+    def skip_space(offset: int) -> int:
+        while offset < len(text) and text[offset].isspace():
+            offset += 1
+        return offset
+
+    position = skip_space(0)
+    if not text.startswith("[", position):
+        raise DataError(path.name, line_at(position), None, "expected a JSON list of objects")
+    position = skip_space(position + 1)
+    if text.startswith("]", position):
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                path.name, f"line {error.lineno}", None, f"malformed JSON ({error.msg})"
+            ) from None
+        yield line_at(position), item
+        position = skip_space(end)
+        if text.startswith(",", position):
+            position = skip_space(position + 1)
+        elif text.startswith("]", position):
+            return
+        else:
+            raise DataError(path.name, line_at(position), None, "malformed JSON (expected , or ])")
+
+
+def _dataset_rows(folder: Path) -> Iterator[tuple[str, Any]]:
+    import datasets  # lazy: only needed for save_to_disk folders
+
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except FileNotFoundError as error:
+        raise DataError(
+            folder.name, "", None, f"not a datasets save_to_disk folder ({error})"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise DataError(
+                folder.name,
+                "",
+                None,
+                f"expected one split, found {sorted(loaded)}; pass the split's folder instead",
+            )
+        (loaded,) = loaded.values()
+    for number, row in enumerate(loaded, start=1):
+        yield f"row {number}", row
+
+
+def _parse_row(row: Any, file: str, location: str) -> InstructionExample:
+    if not isinstance(row, Mapping):
+        raise DataError(file, location, None, f"expected a JSON object, got {type(row).__name__}")
+
+    def text_field(name: str, *, required: bool) -> str:
+        value = row.get(name)
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str):
+            got = "nothing" if name not in row else type(value).__name__
+            raise DataError(file, location, name, f"expected a string, got {got}")
+        return value
+
+    instruction = text_field("instruction", required=True)
+    # Dolly raw rows carry the input as `context` and the answer as `response`.
+    dolly_raw = "output" not in row and "response" in row
+    input_text = text_field("context" if dolly_raw else "input", required=False)
+    references = _references(
+        row.get("response" if dolly_raw else "output"),
+        file,
+        location,
+        "response" if dolly_raw else "output",
+    )
+    prompt = text_field("prompt", required=False) or build_prompt(instruction, input_text)
+    if not prompt.endswith(RESPONSE_CUE):
+        raise DataError(file, location, "prompt", f"expected the text to end with {RESPONSE_CUE!r}")
+    return InstructionExample(
+        prompt=prompt,
+        response=references[0],
+        references=references,
+        source=f"{file}:{location.split()[-1]}",
+    )
+
+
+def _references(value: Any, file: str, location: str, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list | tuple):
+        got = "nothing" if value is None else type(value).__name__
+        raise DataError(
+            file, location, field, f"expected a string or a non-empty list of strings, got {got}"
+        )
+    if not value:
+        raise DataError(file, location, field, "expected at least one reference, got an empty list")
+    for index, reference in enumerate(value):
+        if not isinstance(reference, str):
+            raise DataError(
+                file,
+                location,
+                f"{field}[{index}]",
+                f"expected a string, got {type(reference).__name__}",
+            )
+    return tuple(value)
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int
+) -> list[int]:
+    """Token ids of `prompt` (no special tokens), cut from the LEFT to `max_prompt_length`.
+
+    Cutting the left end keeps the "### Response:" cue that ends every prompt.
+    """
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    # verbose=False: prompts longer than the model context are expected here and cut below.
+    ids = tokenizer.encode(prompt, add_special_tokens=False, verbose=False)
+    return ids[-max_prompt_length:]
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    example: InstructionExample,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+) -> dict[str, list[int]]:
+    """`input_ids` = prompt + response + EOS, `labels` = -100 on the prompt, ids elsewhere.
+
+    Prompt and response are tokenised separately so the label boundary is exact. The prompt is
+    cut from the left to `max_prompt_length`, the response from the right so that the whole
+    sequence, EOS included, fits in `max_length`.
+    """
+    if max_prompt_length >= max_length:
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be smaller than max_length "
+            f"({max_length}) to leave room for the response and EOS"
+        )
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; the response needs an end token")
+    prompt_ids = encode_prompt(tokenizer, example.prompt, max_prompt_length)
+    response_ids = tokenizer.encode(example.response, add_special_tokens=False, verbose=False)
+    response_ids = response_ids[: max_length - len(prompt_ids) - 1] + [eos]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+
+
+def split_train_dev(
+    examples: Sequence[T], *, dev_size: int | float, seed: int
+) -> tuple[list[T], list[T]]:
+    """Shuffle with `random.Random(seed)` and cut off a dev part.
+
+    `dev_size` is a count (int, 0..len) or a fraction (float in (0, 1), rounded to a count).
+    Returns (train, dev); the same seed always gives the same split.
+    """
+    if isinstance(dev_size, bool):
+        raise ValueError(f"dev_size must be an int or a float, got {dev_size!r}")
+    if isinstance(dev_size, float):
+        if not 0.0 < dev_size < 1.0:
+            raise ValueError(f"a fractional dev_size must be in (0, 1), got {dev_size}")
+        dev_count = round(len(examples) * dev_size)
+    else:
+        if not 0 <= dev_size <= len(examples):
+            raise ValueError(f"dev_size must be in [0, {len(examples)}], got {dev_size}")
+        dev_count = dev_size
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[dev_count:], shuffled[:dev_count]
+
+
+def _check_batch(batch: Sequence[Any]) -> None:
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+
+
+@dataclass(frozen=True)
+class TrainingCollator:
+    """Right-pads encoded examples: `input_ids` with the pad id, `attention_mask` with 0,
+    `labels` with -100 (so padding never enters the loss). Returns long tensors [batch, len]."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        _check_batch(features)
+        width = max(len(feature["input_ids"]) for feature in features)
+        input_ids, attention_mask, labels = [], [], []
+        for feature in features:
+            ids, target = list(feature["input_ids"]), list(feature["labels"])
+            if len(ids) != len(target):
+                raise ValueError(
+                    f"input_ids and labels differ in length ({len(ids)} vs {len(target)})"
+                )
+            padding = width - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * padding)
+            attention_mask.append([1] * len(ids) + [0] * padding)
+            labels.append(target + [IGNORE_INDEX] * padding)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+@dataclass(frozen=True)
+class GenerationCollator:
+    """Left-pads prompt id lists so every prompt ends at the last column, where generation
+    continues. Returns `input_ids` and `attention_mask` (0 on padding) as long tensors."""
+
+    pad_token_id: int
+
+    def __call__(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        _check_batch(prompts)
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("cannot generate from an empty prompt")
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = [[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts]
+        attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        }
