@@ -30,50 +30,60 @@ def rows_per_chunk(row_width: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS)
     return max(1, chunk_elements // max(1, row_width))
 
 
+def _loss_and_gradients(
+    row_loss: RowLoss,
+    rows: torch.Tensor,
+    chunk_rows: int,
+    inputs: tuple[torch.Tensor, ...],
+    wants_grad: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The summed loss over `rows` and its gradient for each input that wants one."""
+    grads = [torch.zeros_like(t) if w else None for t, w in zip(inputs, wants_grad, strict=True)]
+    total = None
+    for start in range(0, rows.numel(), chunk_rows):
+        chunk_index = rows[start : start + chunk_rows]
+        chunks = [
+            t.detach().index_select(0, chunk_index).requires_grad_(w)
+            for t, w in zip(inputs, wants_grad, strict=True)
+        ]
+        with torch.enable_grad():
+            chunk_loss = row_loss(*chunks).sum()
+            leaves = [c for c, w in zip(chunks, wants_grad, strict=True) if w]
+            chunk_grads = iter(torch.autograd.grad(chunk_loss, leaves) if leaves else ())
+        for grad in grads:
+            if grad is not None:
+                grad.index_copy_(0, chunk_index, next(chunk_grads))
+        chunk_loss = chunk_loss.detach()
+        total = chunk_loss if total is None else total + chunk_loss
+    if total is None:  # no rows selected: the loss is an empty sum
+        dtype = torch.promote_types(inputs[0].dtype, torch.float32)
+        total = torch.zeros((), dtype=dtype, device=inputs[0].device)
+    return total, grads
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, row_loss: RowLoss, rows: torch.Tensor, chunk_rows: int, *inputs):
         wants_grad = [t.requires_grad for t in inputs]
-        grads = [
-            torch.zeros_like(t) if w else None for t, w in zip(inputs, wants_grad, strict=True)
-        ]
-        total = None
-        for start in range(0, rows.numel(), chunk_rows):
-            chunk_index = rows[start : start + chunk_rows]
-            chunks = [
-                t.index_select(0, chunk_index).requires_grad_(w)
-                for t, w in zip(inputs, wants_grad, strict=True)
-            ]
-            with torch.enable_grad():
-                chunk_loss = row_loss(*chunks).sum()
-                leaves = [c for c, w in zip(chunks, wants_grad, strict=True) if w]
-                chunk_grads = iter(torch.autograd.grad(chunk_loss, leaves) if leaves else ())
-            for grad, wants in zip(grads, wants_grad, strict=True):
-                if wants:
-                    grad.index_copy_(0, chunk_index, next(chunk_grads))
-            chunk_loss = chunk_loss.detach()
-            total = chunk_loss if total is None else total + chunk_loss
-        if total is None:  # no rows selected: the loss is an empty sum
-            dtype = torch.promote_types(inputs[0].dtype, torch.float32)
-            total = torch.zeros((), dtype=dtype, device=inputs[0].device)
-        ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.wants_grad = wants_grad
+        total, grads = _loss_and_gradients(row_loss, rows, chunk_rows, inputs, wants_grad)
+        # The buffers are held on ctx rather than saved for backward: the first backward hands
+        # them over, and an unshared buffer becomes the input's .grad without a copy.
+        ctx.grad_buffers = grads
+        ctx.recompute = (row_loss, rows, chunk_rows, wants_grad)
+        ctx.save_for_backward(*inputs)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        saved = iter(ctx.saved_tensors)
-        input_grads = []
-        for wants in ctx.wants_grad:
-            if not wants:
-                input_grads.append(None)
-                continue
-            grad = next(saved)
-            # The common case (loss.backward() on this scalar) needs no copy of the buffer.
-            if not torch.equal(grad_total, torch.ones_like(grad_total)):
-                grad = grad * grad_total.to(grad.dtype)
-            input_grads.append(grad)
+        input_grads, ctx.grad_buffers = ctx.grad_buffers, None
+        if input_grads is None:  # a further backward through a retained graph: recompute
+            row_loss, rows, chunk_rows, wants_grad = ctx.recompute
+            _, input_grads = _loss_and_gradients(
+                row_loss, rows, chunk_rows, ctx.saved_tensors, wants_grad
+            )
+        if not torch.equal(grad_total, torch.ones_like(grad_total)):
+            input_grads = [g if g is None else g.mul_(grad_total.to(g.dtype)) for g in input_grads]
         return (None, None, None, *input_grads)
 
 
