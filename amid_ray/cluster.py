@@ -1,0 +1,40 @@
+"""Connecting to Ray: an existing cluster by address, or a local one started here."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+#: Custom resource that Tune trial drivers reserve instead of a CPU, so that on a small machine
+#: the CPUs go to the Train workers that do the work.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            quiet: bool = False) -> bool:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), else start a local Ray.
+
+    A local Ray keeps its dashboard on 127.0.0.1: Ray Train needs the dashboard's State API to
+    clean up after runs stopped early (without it the next run's workers can hang). Returns True
+    when this call started Ray (so the caller should shut it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": WORKER_ENV}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
+        return True
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        object_store_memory=256 * 2**20,
+        resources={TRIAL_DRIVER_RESOURCE: 64},
+        runtime_env=runtime_env,
+        log_to_driver=not quiet,
+    )
+    return True

@@ -1,0 +1,419 @@
+"""Typed, validated run configuration: YAML in, clear errors out.
+
+A run configuration has one section per concern (models, data, train, amid, sgo, eval,
+resources); a search-space file is a run configuration plus a `search` section, so the same file
+drives one run (`amid-ray train`) or a search (`amid-ray tune`). Every error names the file, the
+key, the value and what would be valid, and is raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, is_degenerate
+
+#: Model/data sources that name the embedded demo world instead of a path.
+DEMO = "demo"
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message says where it came from."""
+
+    def __init__(self, source: str, key: str, value: Any, allowed: str):
+        self.source, self.key, self.value, self.allowed = source, key, value, allowed
+        super().__init__(f"{source}: {key} = {value!r}: {allowed}")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelsConfig:
+    teacher: str = _help("teacher: 'demo', a Hugging Face model folder or a .gguf file", DEMO)
+    student: str = _help(
+        "student: 'demo', a Hugging Face model folder, a .gguf file, or 'derive' (keep "
+        "`student_layers` of the teacher's decoder layers)",
+        DEMO,
+    )
+    student_layers: list[int] | None = _help(
+        "with student 'derive': indices of the teacher layers to keep", None
+    )
+    teacher_dtype: str = _help(
+        "teacher precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+        "auto",
+    )
+
+    def check(self, where: _Where) -> None:
+        if self.student == "derive" and not self.student_layers:
+            where.fail("student_layers", self.student_layers,
+                       "student 'derive' needs a non-empty list of teacher layer indices")
+        if self.student != "derive" and self.student_layers is not None:
+            where.fail("student_layers", self.student_layers, "only used with student: derive")
+        where.one_of("teacher_dtype", self.teacher_dtype,
+                     ("auto", "float32", "bfloat16", "float16"))
+        for key in ("teacher", "student"):
+            where.existing_source(key, getattr(self, key), extra=("derive",) if key == "student"
+                                  else ())
+
+
+@dataclass
+class DataConfig:
+    train: str = _help("training data: 'demo', a .jsonl/.json file or a datasets folder", DEMO)
+    dev: str | None = _help(
+        "dev data for evaluation rounds: 'demo', a file, or null to hold out `dev_size` rows of "
+        "the training data", DEMO,
+    )
+    dev_size: int = _help("rows held out from `train` when `dev` is null", 100)
+    max_train_examples: int | None = _help("use at most this many training rows", None)
+    max_length: int = _help("tokens per sequence (prompt + response + EOS)", 512)
+    max_prompt_length: int = _help("prompt tokens kept (truncated from the left)", 256)
+    lm_corpus: str | None = _help(
+        "optional plain-text file for an extra language-modelling loss (one document per line)",
+        None,
+    )
+
+    def check(self, where: _Where) -> None:
+        where.existing_source("train", self.train)
+        if self.dev is not None:
+            where.existing_source("dev", self.dev)
+        if self.lm_corpus is not None:
+            where.existing_path("lm_corpus", self.lm_corpus)
+        where.at_least("dev_size", self.dev_size, 1)
+        if self.max_train_examples is not None:
+            where.at_least("max_train_examples", self.max_train_examples, 1)
+        where.at_least("max_length", self.max_length, 2)
+        where.at_least("max_prompt_length", self.max_prompt_length, 1)
+        if self.max_prompt_length >= self.max_length:
+            where.fail("max_prompt_length", self.max_prompt_length,
+                       f"must be below max_length ({self.max_length}) to leave room for a response")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _help("peak learning rate (AdamW)", 5e-4)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", 0.01)
+    max_steps: int = _help("optimizer steps in the run", 200)
+    batch_size: int = _help("sequences per worker per micro-batch", 8)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    warmup_steps: int = _help("linear warm-up steps", 0)
+    schedule: str = _help("learning-rate decay after warm-up: cosine, linear or constant", "cosine")
+    max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
+    kd_ratio: float = _help("loss = (1 - kd_ratio)·CE + kd_ratio·AMiD (+ lm_weight·LM)", 1.0)
+    lm_weight: float = _help("weight of the language-modelling loss on data.lm_corpus", 0.0)
+    seed: int = _help("seed for data order, initialisation and sampling", 10)
+
+    def check(self, where: _Where) -> None:
+        where.positive("lr", self.lr)
+        where.at_least("weight_decay", self.weight_decay, 0.0)
+        where.at_least("max_steps", self.max_steps, 1)
+        where.at_least("batch_size", self.batch_size, 1)
+        where.at_least("grad_accum", self.grad_accum, 1)
+        where.at_least("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps >= self.max_steps:
+            where.fail("warmup_steps", self.warmup_steps,
+                       f"must be below max_steps ({self.max_steps})")
+        where.one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
+        where.at_least("max_grad_norm", self.max_grad_norm, 0.0)
+        where.in_unit_interval("kd_ratio", self.kd_ratio)
+        where.at_least("lm_weight", self.lm_weight, 0.0)
+
+
+@dataclass
+class AMiDConfig:
+    alpha: float = _help("shape of the α-mixture assistant (any real number)", -3.0)
+    lam: float = _help("weight of the teacher in the assistant, in [0, 1]", 0.1)
+    divergence: str = _help("kl or ab (alpha-beta divergence)", "kl")
+    order: str = _help("pr → D(p‖r), qr → D(q‖r), rp → D(r‖p), rq → D(r‖q)", "pr")
+    ab_alpha: float = _help("alpha of the ab divergence", 0.2)
+    ab_beta: float = _help("beta of the ab divergence", 0.7)
+    detach_assistant: bool = _help("stop the student's gradient inside the assistant (TAID)", False)
+    preset: str | None = _help(
+        f"a classic objective instead of the fields above: one of {sorted(PRESETS)}", None
+    )
+
+    def check(self, where: _Where) -> None:
+        if self.preset is not None:
+            where.one_of("preset", self.preset, tuple(sorted(PRESETS)))
+            return
+        if not math.isfinite(self.alpha):
+            where.fail("alpha", self.alpha, "must be a finite real number")
+        where.in_unit_interval("lam", self.lam)
+        where.one_of("divergence", self.divergence, DIVERGENCES)
+        where.one_of("order", self.order, ORDERS)
+        if self.divergence == "ab":
+            for key in ("ab_alpha", "ab_beta"):
+                if getattr(self, key) == 0:
+                    where.fail(key, 0, "must be non-zero")
+            if self.ab_alpha + self.ab_beta == 0:
+                where.fail("ab_beta", self.ab_beta, "ab_alpha + ab_beta must be non-zero")
+        if is_degenerate(self.order, self.lam):
+            where.fail("lam", self.lam, f"with order {self.order!r} the loss is identically 0 "
+                       "(the assistant equals the model it is compared with)")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `losses.amid_loss` (a preset, or the explicit fields)."""
+        if self.preset is not None:
+            return PRESETS[self.preset].as_kwargs()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "preset"}
+
+
+@dataclass
+class SGOConfig:
+    enabled: bool = _help("train partly on student-generated outputs (DistiLLM's scheme)", False)
+    init_threshold: float = _help("initial probability of a student-generated step", 0.2)
+    loss_eps: float = _help("raise the threshold when dev loss exceeds the reference by this", 0.1)
+    replay_capacity: int = _help("replay buffer size (sequences)", 1000)
+    replay_ratio: float = _help("probability of replaying instead of generating", 0.5)
+    max_new_tokens: int = _help("new tokens per student-generated answer", 256)
+
+    def check(self, where: _Where) -> None:
+        where.in_unit_interval("init_threshold", self.init_threshold)
+        where.at_least("loss_eps", self.loss_eps, 0.0)
+        where.at_least("replay_capacity", self.replay_capacity, 1)
+        where.in_unit_interval("replay_ratio", self.replay_ratio)
+        where.at_least("max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("optimizer steps between evaluation rounds (the last step always has one)",
+                       50)
+    num_examples: int = _help("dev items generated for ROUGE-L in each round", 100)
+    max_new_tokens: int = _help("new tokens per generated answer", 256)
+    greedy: bool = _help("greedy decoding instead of the paper's sampling (temperature 1)", False)
+    batch_size: int = _help("prompts per generation batch", 8)
+    seed: int = _help("sampling seed of evaluation rounds", 10)
+
+    def check(self, where: _Where) -> None:
+        for key in ("every", "num_examples", "max_new_tokens", "batch_size"):
+            where.at_least(key, getattr(self, key), 1)
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = _help("Ray Train workers per run (DDP)", 1)
+    cpus_per_worker: float = _help("CPUs reserved per worker", 1.0)
+    gpus_per_worker: float = _help("GPUs per worker (fractions let small students share)", 0.0)
+    address: str | None = _help("Ray cluster address; null starts a local Ray", None)
+    storage: str = _help("folder or URI for results, checkpoints and search state", "amid_runs")
+    max_failures: int = _help("restarts of a failed run from its last checkpoint", 2)
+    keep_checkpoints: int = _help("checkpoints kept per run (best by ROUGE-L)", 2)
+
+    def check(self, where: _Where) -> None:
+        where.at_least("num_workers", self.num_workers, 1)
+        where.positive("cpus_per_worker", self.cpus_per_worker)
+        where.at_least("gpus_per_worker", self.gpus_per_worker, 0.0)
+        where.at_least("max_failures", self.max_failures, 0)
+        where.at_least("keep_checkpoints", self.keep_checkpoints, 1)
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("name of the run or search (a folder under resources.storage)", "amid")
+    models: ModelsConfig = _help("teacher and student", factory=ModelsConfig)
+    data: DataConfig = _help("instruction data", factory=DataConfig)
+    train: TrainConfig = _help("optimisation", factory=TrainConfig)
+    amid: AMiDConfig = _help("the AMiD objective", factory=AMiDConfig)
+    sgo: SGOConfig = _help("student-generated outputs", factory=SGOConfig)
+    eval: EvalConfig = _help("evaluation rounds", factory=EvalConfig)
+    resources: ResourcesConfig = _help("workers and storage", factory=ResourcesConfig)
+    search: dict[str, Any] | None = _help("the search section of a search-space file", None)
+    #: Where the values came from (a file name, or "defaults"), for error messages.
+    source: str = field(default="defaults", metadata={"help": "", "internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-able data (without the internal `source`)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(RunConfig)
+    if f.default_factory is not dataclasses.MISSING
+}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class _Where:
+    """A section of a config file being checked: turns failed checks into ConfigErrors."""
+
+    source: str
+    section: str
+
+    def fail(self, key: str, value: Any, allowed: str) -> typing.NoReturn:
+        raise ConfigError(self.source, f"{self.section}.{key}", value, allowed)
+
+    def one_of(self, key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            self.fail(key, value, f"must be one of {list(allowed)}")
+
+    def at_least(self, key: str, value: float, low: float) -> None:
+        if value < low:
+            self.fail(key, value, f"must be >= {low}")
+
+    def positive(self, key: str, value: float) -> None:
+        if not value > 0:
+            self.fail(key, value, "must be > 0")
+
+    def in_unit_interval(self, key: str, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            self.fail(key, value, "must be in [0, 1]")
+
+    def existing_path(self, key: str, value: str) -> None:
+        if "://" not in value and not Path(value).expanduser().exists():
+            self.fail(key, value, "no such file or folder")
+
+    def existing_source(self, key: str, value: str, extra: tuple[str, ...] = ()) -> None:
+        if value not in (DEMO, *extra):
+            self.existing_path(key, value)
+
+
+def _coerce(value: Any, annotation: Any, where: _Where, key: str) -> Any:
+    """Check `value` against a field's type annotation (ints are accepted as floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        non_null = [t for t in options if t is not type(None)]
+        return _coerce(value, non_null[0], where, key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            where.fail(key, value, f"must be a list of {item_type.__name__}")
+        return [_coerce(item, item_type, where, key) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            where.fail(key, value, "must be a mapping")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            where.fail(key, value, "must be a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            where.fail(key, value, "must be an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            where.fail(key, value, "must be true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            where.fail(key, value, "must be a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r}")
+
+
+def _build_section(cls: type, raw: Any, where: _Where) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(where.source, where.section, raw, "must be a mapping of settings")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            where.fail(key, value, f"unknown setting; {hint}known: {names}")
+        values[key] = _coerce(value, hints[key], where, key)
+    section = cls(**values)
+    section.check(where)
+    return section
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig:
+    """Validate a raw mapping (as read from YAML) into a RunConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "(top level)", raw, "must be a mapping of sections")
+    top = [f.name for f in dataclasses.fields(RunConfig) if f.name != "source"]
+    for key in raw:
+        if key not in top:
+            close = difflib.get_close_matches(str(key), top, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(source, str(key), raw[key], f"unknown section; {hint}known: {top}")
+    name = raw.get("name", "amid")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(source, "name", name, "must be a non-empty string without '/'")
+    search = raw.get("search")
+    if search is not None and not isinstance(search, dict):
+        raise ConfigError(source, "search", search, "must be a mapping")
+    sections = {
+        key: _build_section(cls, raw.get(key), _Where(source, key))
+        for key, cls in SECTIONS.items()
+    }
+    return RunConfig(name=name, search=search, source=source, **sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> None:
+    """Apply `section.key=value` overrides in place; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(source, item, item, "expected section.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(source, key, text, f"{part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(text) if text else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run configuration or search-space file (None: defaults), apply `--set`
+    overrides, and validate everything."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(source, "(file)", str(path), "no such configuration file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(source, "(file)", str(path), f"not valid YAML: {error}") from None
+        # Relative paths in the file are relative to the file, not to the current directory.
+        _resolve_relative_paths(raw, path.parent)
+    if overrides:
+        apply_overrides(raw, overrides)
+        source = f"{source} with --set"
+    return config_from_dict(raw, source)
+
+
+_PATH_KEYS = {("models", "teacher"), ("models", "student"), ("data", "train"), ("data", "dev"),
+              ("data", "lm_corpus")}
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_KEYS:
+        node = raw.get(section)
+        if not isinstance(node, dict):
+            continue
+        value = node.get(key)
+        if isinstance(value, str) and value not in (DEMO, "derive") and "://" not in value:
+            candidate = Path(value).expanduser()
+            if not candidate.is_absolute() and (base / candidate).exists():
+                node[key] = str((base / candidate).resolve())

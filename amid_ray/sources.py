@@ -1,0 +1,91 @@
+"""Where a run's models and data come from: paths, GGUF files, or the embedded demo.
+
+`"demo"` stands for the project's own small world (`amid_ray.demo`), built once and cached under
+`cache_dir()`. Paths are made absolute on the driver, because Ray workers run in other folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from amid_ray.config import DEMO, DataConfig, ModelsConfig, RunConfig
+from amid_ray.data import InstructionExample, load_examples, split_train_dev
+from amid_ray.models import check_same_tokenizer, derive_student, load_causal_lm
+
+
+def cache_dir() -> Path:
+    """Cache of built assets: $AMID_RAY_CACHE, else ~/.cache/amid-ray."""
+    return Path(os.environ.get("AMID_RAY_CACHE", Path.home() / ".cache" / "amid-ray"))
+
+
+def demo_assets(progress: bool = False):
+    """The embedded demo's data and models, built on first use (a few minutes on 2 CPUs)."""
+    from amid_ray.demo import build_demo_assets
+
+    return build_demo_assets(cache_dir() / "demo", progress=progress)
+
+
+def uses_demo(run: RunConfig) -> bool:
+    return DEMO in (run.models.teacher, run.models.student, run.data.train, run.data.dev)
+
+
+def absolute_paths(run: RunConfig) -> RunConfig:
+    """A copy of `run` whose model and data paths are absolute (`demo`/`derive` kept)."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or value in (DEMO, "derive") or "://" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    models = dataclasses.replace(run.models, teacher=fix(run.models.teacher),
+                                 student=fix(run.models.student))
+    data = dataclasses.replace(run.data, train=fix(run.data.train), dev=fix(run.data.dev),
+                               lm_corpus=fix(run.data.lm_corpus))
+    return dataclasses.replace(run, models=models, data=data)
+
+
+def _model_path(source: str, role: str) -> str:
+    if source != DEMO:
+        return source
+    assets = demo_assets()
+    return str(assets.teacher_dir if role == "teacher" else assets.student_dir)
+
+
+def load_models(
+    models: ModelsConfig,
+) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+    """Teacher, student and their shared tokenizer; fails early if the vocabularies differ."""
+    teacher, tokenizer = load_causal_lm(_model_path(models.teacher, "teacher"))
+    if models.student == "derive":
+        student = derive_student(teacher, models.student_layers or [])
+        return teacher, student, tokenizer
+    student, student_tokenizer = load_causal_lm(_model_path(models.student, "student"))
+    check_same_tokenizer(tokenizer, student_tokenizer, teacher, student)
+    return teacher, student, tokenizer
+
+
+def _data_path(source: str, split: str) -> str:
+    if source != DEMO:
+        return source
+    assets = demo_assets()
+    return str(assets.train_file if split == "train" else assets.dev_file)
+
+
+def load_train_dev(data: DataConfig, seed: int) -> tuple[list[InstructionExample],
+                                                         list[InstructionExample]]:
+    """Training and dev examples; without a dev source, `dev_size` rows of train are held out.
+    Dev rows whose prompt also occurs in train are dropped from train."""
+    train = load_examples(_data_path(data.train, "train"))
+    if data.dev is None:
+        train, dev = split_train_dev(train, dev_size=data.dev_size, seed=seed)
+    else:
+        dev = load_examples(_data_path(data.dev, "dev"))
+        dev_prompts = {example.prompt for example in dev}
+        train = [example for example in train if example.prompt not in dev_prompts]
+    if data.max_train_examples is not None:
+        train = train[: data.max_train_examples]
+    return train, dev

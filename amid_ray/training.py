@@ -1,0 +1,99 @@
+"""One distillation run on Ray Train: build the TorchTrainer, run it, read the best checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from amid_ray.config import RunConfig
+from amid_ray.sources import absolute_paths
+from amid_ray.worker import MODEL_DIR, train_loop_per_worker
+
+
+def storage_root(run: RunConfig) -> str:
+    """`resources.storage` as Ray wants it: an absolute path or a URI."""
+    storage = run.resources.storage
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def build_trainer(run: RunConfig, *, name: str | None = None,
+                  callbacks: list[Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer for `run`; the same `name` and storage resume from its checkpoints."""
+    resources = run.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=absolute_paths(run).to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name or run.name,
+            storage_path=storage_root(run),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=resources.keep_checkpoints,
+                checkpoint_score_attribute="rougeL",
+                checkpoint_score_order="max",
+            ),
+            # A finite controller limit: a run whose workers cannot start must fail, not hang.
+            failure_config=ray.train.FailureConfig(
+                max_failures=resources.max_failures, controller_failure_limit=3
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run left: its folder, best checkpoint (by ROUGE-L) and metric history."""
+
+    result_dir: str
+    best_checkpoint: str | None
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        return {
+            "best_checkpoint": self.best_checkpoint,
+            "rougeL": self.best_metrics.get("rougeL"),
+            "val_loss": self.best_metrics.get("val_loss"),
+            "best_step": self.best_metrics.get("step"),
+            "steps": final.get("step"),
+            "final_rougeL": final.get("rougeL"),
+            "result_dir": self.result_dir,
+        }
+
+
+def read_outcome(result: ray.train.Result) -> TrainOutcome:
+    """Best checkpoint by ROUGE-L and the metric history, read from the run's result folder."""
+    history = [] if result.metrics_dataframe is None else [
+        {k: _plain(v) for k, v in row.items()}
+        for row in result.metrics_dataframe.to_dict("records")
+    ]
+    scored = [(metrics, ckpt) for ckpt, metrics in (result.best_checkpoints or [])
+              if math.isfinite(metrics.get("rougeL", math.nan))]
+    if not scored:
+        return TrainOutcome(result.path, None, {}, history)
+    metrics, checkpoint = max(scored, key=lambda pair: pair[0]["rougeL"])
+    best = str(Path(checkpoint.path) / MODEL_DIR)
+    return TrainOutcome(result.path, best, {k: _plain(v) for k, v in metrics.items()}, history)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_training(run: RunConfig) -> TrainOutcome:
+    """Run (or resume, if the named run exists in storage) one distillation to the end."""
+    return read_outcome(build_trainer(run).fit())

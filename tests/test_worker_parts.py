@@ -1,0 +1,84 @@
+"""The worker's pure parts: data order, response positions, learning-rate schedule, the loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from amid_ray.config import config_from_dict
+from amid_ray.data import IGNORE_INDEX
+from amid_ray.losses import amid_token_losses
+from amid_ray.worker import (
+    distillation_losses,
+    learning_rate_factor,
+    micro_batches,
+    response_mask,
+)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_micro_batches_partition_each_epoch_across_workers():
+    streams = [micro_batches(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    first_epoch = [take(s, 2) for s in streams]  # 2 steps × 2 workers × 2 = 8 of 10 examples
+    seen = [i for worker in first_epoch for batch in worker for i in batch]
+    assert len(seen) == 8 and len(set(seen)) == 8
+    # A pure function of its arguments: a resumed run skipping k batches sees the same stream.
+    again = micro_batches(10, 2, seed=3, rank=1, world_size=2)
+    take(again, 1)
+    assert next(again) == first_epoch[1][1]
+    # The next epoch is a different permutation.
+    assert take(streams[0], 2) != first_epoch[0]
+
+
+def test_micro_batches_refuse_too_little_data():
+    with pytest.raises(ValueError, match="3 training examples cannot fill one batch of 2 on each"):
+        next(micro_batches(3, 2, seed=0, rank=0, world_size=2))
+
+
+def test_response_mask_marks_positions_predicting_response_tokens():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX]])
+    mask, targets = response_mask(labels)
+    assert mask.tolist() == [[False, True, True, True, False, False]]
+    assert targets[mask].tolist() == [7, 8, 9]
+
+
+def test_learning_rate_schedules():
+    assert learning_rate_factor(0, warmup=4, total=20, schedule="cosine") == 0.25
+    assert learning_rate_factor(3, warmup=4, total=20, schedule="cosine") == 1.0
+    assert learning_rate_factor(4, warmup=4, total=20, schedule="cosine") == 1.0
+    assert math.isclose(learning_rate_factor(12, warmup=4, total=20, schedule="cosine"), 0.5)
+    assert math.isclose(learning_rate_factor(12, warmup=4, total=20, schedule="linear"), 0.5)
+    assert learning_rate_factor(19, warmup=0, total=20, schedule="constant") == 1.0
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.25])
+def test_distillation_losses_match_a_direct_computation(kd_ratio):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    teacher, student = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config)
+    input_ids = torch.randint(0, 50, (2, 7))
+    labels = input_ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    labels[1, 6] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": labels}
+    run = config_from_dict({"train": {"kd_ratio": kd_ratio},
+                            "amid": {"alpha": 0.5, "lam": 0.3, "order": "qr"}})
+    losses = distillation_losses(student, teacher, batch, run, autocast_dtype=None)
+
+    s_logits = student(input_ids).logits[:, :-1]
+    t_logits = teacher(input_ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    distil = amid_token_losses(s_logits, t_logits, alpha=0.5, lam=0.3, order="qr")[mask].mean()
+    ce = torch.nn.functional.cross_entropy(s_logits[mask], targets[mask])
+    torch.testing.assert_close(losses.distil, distil, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.total, (1 - kd_ratio) * ce + kd_ratio * distil,
+                               rtol=1e-5, atol=1e-6)
