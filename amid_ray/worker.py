@@ -269,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = _optimizer(model, run.train.lr, run.train.weight_decay)
 
     sgo = run.sgo
-    scheduler = AdaptiveSGOScheduler(init_threshold=sgo.init_threshold, loss_eps=sgo.loss_eps,
+    scheduler = AdaptiveSGOScheduler(sgo.init_threshold, loss_eps=sgo.loss_eps,
                                      replay_ratio=sgo.replay_ratio, seed=seed + rank)
     replay = ReplayBuffer(sgo.replay_capacity, seed=seed + rank)
     step, history = 0, []
@@ -372,10 +372,10 @@ def _report(metrics, history, step, student, tokenizer, optimizer, scheduler, re
 def _student_generated_or_not(encoded, examples, student, tokenizer, run, scheduler, replay, *,
                               seed: int):
     """The SGO choice of one micro-batch: ground truth, fresh student answers, or replay."""
-    choice = scheduler.choose()
+    choice = scheduler.choose(can_replay=len(replay) >= len(encoded))
     if choice == "ground_truth":
         return encoded
-    if choice == "replay" and len(replay) >= len(encoded):
+    if choice == "replay":
         return replay.sample(len(encoded))
     generated = generate_student_batch(
         student, tokenizer, examples, max_length=run.data.max_length,
