@@ -64,9 +64,7 @@ def validate_settings(
             if not isinstance(value, int | float) or not math.isfinite(value) or value == 0:
                 raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
         if ab_alpha + ab_beta == 0:
-            raise ValueError(
-                f"ab_alpha + ab_beta must be non-zero, got {ab_alpha!r} + {ab_beta!r}"
-            )
+            raise ValueError(f"ab_alpha + ab_beta must be non-zero, got {ab_alpha!r} + {ab_beta!r}")
 
 
 def is_degenerate(order: str, lam: float) -> bool:
@@ -139,9 +137,14 @@ def _power_mean_near_geometric(
     d = log_p - log_q
     small = (k * d).abs() < 1.0
     d_small = torch.where(small, d, torch.zeros_like(d))
-    series = geometric + torch.log1p(
-        lam * torch.expm1(k * (1.0 - lam) * d_small) + (1.0 - lam) * torch.expm1(-k * lam * d_small)
-    ) / k
+    series = (
+        geometric
+        + torch.log1p(
+            lam * torch.expm1(k * (1.0 - lam) * d_small)
+            + (1.0 - lam) * torch.expm1(-k * lam * d_small)
+        )
+        / k
+    )
     plain = torch.logaddexp(math.log(lam) + k * log_p, math.log1p(-lam) + k * log_q) / k
     return torch.where(small, series, plain)
 
@@ -244,8 +247,12 @@ def amid_loss(
     the inputs). See `amid_token_losses` for the formula and the other arguments.
     """
     validate_settings(
-        alpha=alpha, lam=lam, divergence=divergence, order=order,
-        ab_alpha=ab_alpha, ab_beta=ab_beta,
+        alpha=alpha,
+        lam=lam,
+        divergence=divergence,
+        order=order,
+        ab_alpha=ab_alpha,
+        ab_beta=ab_beta,
     )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -260,8 +267,14 @@ def amid_loss(
     vocab = student_logits.shape[-1]
     rows = mask.reshape(-1).nonzero().squeeze(1)
     token_loss = partial(
-        amid_token_losses, alpha=alpha, lam=lam, divergence=divergence, order=order,
-        ab_alpha=ab_alpha, ab_beta=ab_beta, detach_assistant=detach_assistant,
+        amid_token_losses,
+        alpha=alpha,
+        lam=lam,
+        divergence=divergence,
+        order=order,
+        ab_alpha=ab_alpha,
+        ab_beta=ab_beta,
+        detach_assistant=detach_assistant,
     )
     total = chunked_token_loss(
         token_loss,
@@ -290,8 +303,12 @@ class AMiDSettings:
 
     def __post_init__(self) -> None:
         validate_settings(
-            alpha=self.alpha, lam=self.lam, divergence=self.divergence, order=self.order,
-            ab_alpha=self.ab_alpha, ab_beta=self.ab_beta,
+            alpha=self.alpha,
+            lam=self.lam,
+            divergence=self.divergence,
+            order=self.order,
+            ab_alpha=self.ab_alpha,
+            ab_beta=self.ab_beta,
         )
 
     def as_kwargs(self) -> dict:

@@ -49,8 +49,19 @@ def reference_divergence(a, b, divergence, ab_alpha, ab_beta):
     return -terms.sum(-1) / (ab_alpha * ab_beta)
 
 
-def reference_loss(student_logits, teacher_logits, mask, *, alpha, lam, divergence="kl",
-                   order="pr", ab_alpha=0.2, ab_beta=0.7, detach_assistant=False):
+def reference_loss(
+    student_logits,
+    teacher_logits,
+    mask,
+    *,
+    alpha,
+    lam,
+    divergence="kl",
+    order="pr",
+    ab_alpha=0.2,
+    ab_beta=0.7,
+    detach_assistant=False,
+):
     q = torch.softmax(student_logits.double(), -1)
     p = torch.softmax(teacher_logits.double(), -1)
     r = reference_assistant(p, q.detach() if detach_assistant else q, alpha, lam)
@@ -61,8 +72,8 @@ def reference_loss(student_logits, teacher_logits, mask, *, alpha, lam, divergen
 
 def random_batch(seed, batch=3, length=5, vocab=48, scale=2.0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * scale)
-    teacher = (torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * scale)
+    student = torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * scale
+    teacher = torch.randn(batch, length, vocab, generator=g, dtype=torch.float64) * scale
     mask = torch.rand(batch, length, generator=g) > 0.3
     mask[0, 0] = True
     return student.to(dtype), teacher.to(dtype), mask
@@ -72,8 +83,14 @@ def all_settings():
     for order, alpha, lam in itertools.product(ORDERS, ALPHAS, LAMBDAS):
         yield dict(divergence="kl", order=order, alpha=alpha, lam=lam)
         for ab_alpha, ab_beta in AB_PAIRS:
-            yield dict(divergence="ab", order=order, alpha=alpha, lam=lam,
-                       ab_alpha=ab_alpha, ab_beta=ab_beta)
+            yield dict(
+                divergence="ab",
+                order=order,
+                alpha=alpha,
+                lam=lam,
+                ab_alpha=ab_alpha,
+                ab_beta=ab_beta,
+            )
 
 
 # ----------------------------------------------------------------------------- values
@@ -196,8 +213,9 @@ def test_alpha_near_one_is_continuous(dtype):
     geometric = assistant_logprobs(log_p, log_q, alpha=1.0, lam=0.3)
     for alpha in (1 - 1e-7, 1 + 1e-7, 1 - 1e-4, 1 + 1e-4):
         near = assistant_logprobs(log_p, log_q, alpha=alpha, lam=0.3)
-        torch.testing.assert_close(near, geometric, rtol=0, atol=5e-4 if abs(alpha - 1) > 1e-5
-                                   else 2e-6)
+        torch.testing.assert_close(
+            near, geometric, rtol=0, atol=5e-4 if abs(alpha - 1) > 1e-5 else 2e-6
+        )
     # Inside the near-geometric band, still the exact power mean (float64 reference).
     p, q = log_p.double().exp(), log_q.double().exp()
     want = reference_assistant(p, q, 1.02, 0.3)
@@ -279,7 +297,9 @@ GRADCHECK_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("settings", GRADCHECK_SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize(
+    "settings", GRADCHECK_SETTINGS, ids=lambda s: "-".join(map(str, s.values()))
+)
 def test_gradcheck_and_gradient_matches_direct_formulas(settings):
     student, teacher, mask = random_batch(10, batch=2, length=3, vocab=7)
     s = student.clone().requires_grad_(True)
@@ -351,10 +371,19 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
     [
         (dict(alpha=float("nan"), lam=0.1), "alpha must be a finite real number, got nan"),
         (dict(alpha=0.0, lam=1.5), "lam must be a number in [0, 1]"),
-        (dict(alpha=0.0, lam=0.1, divergence="js"), "divergence must be one of ('kl', 'ab'), got 'js'"),
+        (
+            dict(alpha=0.0, lam=0.1, divergence="js"),
+            "divergence must be one of ('kl', 'ab'), got 'js'",
+        ),
         (dict(alpha=0.0, lam=0.1, order="pq"), "order must be one of"),
-        (dict(alpha=0.0, lam=0.1, divergence="ab", ab_alpha=0.0), "ab_alpha must be a finite non-zero"),
-        (dict(alpha=0.0, lam=0.1, divergence="ab", ab_alpha=0.5, ab_beta=-0.5), "ab_alpha + ab_beta"),
+        (
+            dict(alpha=0.0, lam=0.1, divergence="ab", ab_alpha=0.0),
+            "ab_alpha must be a finite non-zero",
+        ),
+        (
+            dict(alpha=0.0, lam=0.1, divergence="ab", ab_alpha=0.5, ab_beta=-0.5),
+            "ab_alpha + ab_beta",
+        ),
     ],
 )
 def test_invalid_settings_name_argument_and_value(kwargs, message):
