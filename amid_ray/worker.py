@@ -273,12 +273,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      replay_ratio=sgo.replay_ratio, seed=seed + rank)
     replay = ReplayBuffer(sgo.replay_capacity, seed=seed + rank)
     step, history = 0, []
-    if trainer_state is not None:
+    if trainer_state is not None:  # resume exactly where the checkpoint left off
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["sgo_scheduler"][rank])
         replay.load_state_dict(trainer_state["replay"][rank])
         _restore_rng(trainer_state["rng"][rank])
         step, history = trainer_state["step"], trainer_state["history"]
+    restored_step = step
 
     batches = micro_batches(len(encoded_train), run.train.batch_size, seed=seed, rank=rank,
                             world_size=world_size)
@@ -325,6 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "lr": run.train.lr * factor,
                 "tokens_per_s": tokens / elapsed,
                 "sgo_threshold": scheduler.threshold,
+                "restored_step": restored_step,
             }
             metrics |= evaluation_round(
                 bare_student, teacher, tokenizer, dev_examples, run, rank=rank,
