@@ -48,6 +48,137 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- tune / resume / best
+
+
+DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+
+
+def _finish_search(outcome) -> int:
+    print()
+    print(outcome.table)
+    print()
+    if outcome.best is None:
+        print("no trial produced a checkpoint", file=sys.stderr)
+        _print_json_last(outcome.summary())
+        return 1
+    print(f"best: trial {outcome.best.trial_id}, ROUGE-L {outcome.best.best_rougeL:.2f}, "
+          f"settings {outcome.best_settings}")
+    print(f"best checkpoint exported to {outcome.best_dir}")
+    print(f"MLflow: {outcome.tracking_uri}  (amid-ray ui {outcome.search_dir})")
+    _print_json_last(outcome.summary())
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    if args.resume:
+        return _resume(Path(args.resume), args.address, args.tracking_uri)
+    from amid_ray import cluster
+    from amid_ray.search import run_search
+    from amid_ray.search_space import parse_search
+    from amid_ray.sources import demo_assets, uses_demo
+
+    overrides = list(args.set)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.storage:
+        overrides.append(f"resources.storage={args.storage}")
+    if args.num_samples:
+        overrides.append(f"search.num_samples={args.num_samples}")
+    config_file = args.config or DEMO_SPACE
+    run = load_config(config_file, overrides)
+    parse_search(run)  # every search-space error before Ray starts
+    if uses_demo(run):
+        print("preparing the embedded demo (built once, then cached)...", flush=True)
+        demo_assets(progress=True)
+    started = cluster.connect(args.address or run.resources.address)
+    try:
+        outcome = run_search(run, tracking_uri=args.tracking_uri)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _finish_search(outcome)
+
+
+def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> int:
+    from amid_ray import cluster
+    from amid_ray.search import load_search_file, run_search
+    from amid_ray.sources import demo_assets, uses_demo
+
+    run = load_search_file(search_dir)
+    if uses_demo(run):
+        demo_assets(progress=True)
+    started = cluster.connect(address or run.resources.address)
+    try:
+        outcome = run_search(resume_dir=search_dir, tracking_uri=tracking_uri)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _finish_search(outcome)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _resume(Path(args.search_dir), args.address, args.tracking_uri)
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from amid_ray.search import (
+        best_trial,
+        collect_trials,
+        effective_settings,
+        format_trials_table,
+        load_search_file,
+    )
+
+    search_dir = Path(args.search_dir).expanduser().resolve()
+    run = load_search_file(search_dir)
+    records = collect_trials(search_dir, run.train.max_steps)
+    print(format_trials_table(run, records))
+    best = best_trial(records)
+    summary = {
+        "best_trial": best.trial_id if best else None,
+        "rougeL": best.best_rougeL if best else None,
+        "best_config": effective_settings(run, best.params) if best else None,
+        "best_checkpoint": best.best_checkpoint if best else None,
+        "exported": str(search_dir / "best") if (search_dir / "best").is_dir() else None,
+        "num_trials": len(records),
+        "search_dir": str(search_dir),
+    }
+    _print_json_last(summary)
+    return 0 if best else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from amid_ray.search import TRACKING_URI_FILE
+
+    search_dir = Path(args.search_dir or ".").expanduser().resolve()
+    uri_file = search_dir / TRACKING_URI_FILE
+    if not uri_file.is_file():
+        print(f"amid-ray ui: error: {search_dir} is not a search folder (no {TRACKING_URI_FILE})",
+              file=sys.stderr)
+        return 2
+    uri = uri_file.read_text().strip()
+    if uri.startswith("http"):
+        print(f"this search logs to a tracking server: open {uri}")
+        return 0
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {search_dir} at {url}  (Ctrl-C stops it)", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port",
+               str(args.port), "--workers", "1", "--backend-store-uri", uri]
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -128,10 +259,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     evaluate.set_defaults(handler=cmd_eval)
 
+    tune_cmd = commands.add_parser(
+        "tune", help="run a hyperparameter search (default: the embedded demo)",
+        description="Search AMiD settings with Ray Tune + Optuna (ASHA early stopping), each "
+        "trial a Ray Train run; record every trial in MLflow; export the best checkpoint by "
+        "ROUGE-L to <storage>/<name>/best. The last stdout line is a JSON summary.",
+    )
+    add_tune_arguments(tune_cmd)
+    tune_cmd.set_defaults(handler=cmd_tune)
+
+    resume = commands.add_parser("resume", help="continue an interrupted search",
+                                 description="Continue the search in SEARCH_DIR: finished "
+                                 "trials are kept, unfinished ones resume from their last "
+                                 "checkpoint, the searcher continues from its state.")
+    resume.add_argument("search_dir", metavar="SEARCH_DIR", help="<storage>/<name>")
+    resume.add_argument("--address", help="Ray cluster address")
+    resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: where it started)")
+    resume.set_defaults(handler=cmd_resume)
+
+    best = commands.add_parser("best", help="print a search's trials and best checkpoint")
+    best.add_argument("search_dir", metavar="SEARCH_DIR")
+    best.set_defaults(handler=cmd_best)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI for a search on 127.0.0.1")
+    ui.add_argument("search_dir", metavar="SEARCH_DIR", nargs="?", help="default: .")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=cmd_ui)
+
     demo = commands.add_parser("demo-assets", help="build (or show) the embedded demo's data "
                                "and models")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="search-space file (default: search_spaces/demo.yaml)")
+    parser.add_argument("--name", help="search name (a folder under the storage)")
+    parser.add_argument("--storage", help="folder for search state, checkpoints and MLflow")
+    parser.add_argument("--num-samples", type=int, help="trials in all, baselines included")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a "
+                        "local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the "
+                        "search folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--resume", metavar="SEARCH_DIR", help="continue this search instead")
 
 
 def main(argv: list[str] | None = None) -> int:

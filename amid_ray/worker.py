@@ -332,6 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 bare_student, teacher, tokenizer, dev_examples, run, rank=rank,
                 world_size=world_size, device=device, autocast_dtype=autocast_dtype,
             )
+            # The running best is what a search ranks trials by (the kept checkpoint is the best).
+            metrics["best_rougeL"] = max([metrics["rougeL"]] + [h["rougeL"] for h in history])
             if sgo.enabled:
                 scheduler.observe_eval(metrics["val_loss"])
             history.append(metrics)

@@ -22,3 +22,33 @@ def instruct_dir() -> Path:
     if not SHARED_INSTRUCT.is_dir():
         pytest.skip(f"shared eval data not found at {SHARED_INSTRUCT} (../shared/data/instruct)")
     return SHARED_INSTRUCT
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, str]:
+    """Tiny teacher and student GPT-2s (real GPT-2 tokenizer) and small demo-task data."""
+    from amid_ray.demo_tasks import write_demo_splits
+    from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("world")
+    tokenizer = load_gpt2_tokenizer(root / "tokenizer")
+    teacher = fresh_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=128, seed=1)
+    student = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=128, seed=2)
+    save_model(teacher, tokenizer, root / "teacher")
+    save_model(student, tokenizer, root / "student")
+    splits = write_demo_splits(root / "data", n_train=64, n_dev=12, n_test=8, seed=0)
+    return {"teacher": str(root / "teacher"), "student": str(root / "student"),
+            "train": str(splits["train"]), "dev": str(splits["dev"])}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for one test module (2 CPUs, dashboard on 127.0.0.1)."""
+    import ray
+
+    from amid_ray import cluster
+
+    started = cluster.connect(num_cpus=2, quiet=True)
+    yield
+    if started:
+        ray.shutdown()

@@ -10,38 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from amid_ray import cluster
 from amid_ray.config import config_from_dict
-from amid_ray.demo_tasks import write_demo_splits
-from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
 from amid_ray.training import run_training
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("world")
-    tokenizer = load_gpt2_tokenizer(root / "tokenizer")
-    teacher = fresh_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=128, seed=1)
-    student = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=128, seed=2)
-    save_model(teacher, tokenizer, root / "teacher")
-    save_model(student, tokenizer, root / "student")
-    splits = write_demo_splits(root / "data", n_train=64, n_dev=12, n_test=8, seed=0)
-    return {"teacher": str(root / "teacher"), "student": str(root / "student"),
-            "train": str(splits["train"]), "dev": str(splits["dev"])}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = cluster.connect(num_cpus=2, quiet=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def tiny_run(world, storage: Path, name: str, **train):

@@ -1,0 +1,303 @@
+"""The `search` section of a search-space file: distributions, conditions, baselines.
+
+    search:
+      num_samples: 8                 # trials in all, baselines included
+      params:
+        amid.alpha: {type: uniform, low: -5, high: 1}
+        amid.lam: {type: categorical, values: [0.1, 0.5]}
+        amid.ab_alpha: {type: uniform, low: 0.1, high: 0.9, when: {amid.divergence: ab}}
+        train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}
+      baselines: [kd, srkl]          # loss presets, evaluated first
+
+Parameter types: categorical, uniform, loguniform, int, grid. A `grid` space (every parameter a
+grid) is swept exhaustively without Optuna; otherwise Optuna's TPE samples it. Settings whose
+loss is identically zero (AMID_SPEC §2) can never be sampled: such spaces are rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from amid_ray.config import ConfigError, RunConfig, config_from_dict
+from amid_ray.losses import PRESETS, is_degenerate
+
+PARAM_TYPES = ("categorical", "uniform", "loguniform", "int", "grid")
+#: Config key that carries a baseline preset into a trial.
+PRESET_KEY = "amid.preset"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting (a dotted config key) and its distribution."""
+
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
+    when: dict[str, Any] = field(default_factory=dict)
+
+    def possible_values(self) -> tuple[Any, ...] | None:
+        """The finite set of values, or None for a continuous range."""
+        return self.values if self.type in ("categorical", "grid") else None
+
+
+#: Metrics ASHA may compare trials by, and whether higher is better.
+SCHEDULER_METRICS = {"best_rougeL": "max", "rougeL": "max", "val_loss": "min"}
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """ASHA early stopping on evaluation rounds (None in SearchSpec: run every trial to the end).
+
+    Trials are compared by `metric` at each rung; ROUGE-L by default, as the search ranks them.
+    """
+
+    grace_rounds: int = 1
+    reduction_factor: int = 2
+    metric: str = "best_rougeL"
+
+    @property
+    def mode(self) -> str:
+        return SCHEDULER_METRICS[self.metric]
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    params: tuple[Param, ...]
+    baselines: tuple[str, ...] = ()
+    num_samples: int = 8
+    max_concurrent: int = 1
+    seed: int = 0
+    metric: str = "best_rougeL"
+    scheduler: SchedulerSpec | None = SchedulerSpec()
+
+    @property
+    def is_grid(self) -> bool:
+        return bool(self.params) and all(p.type == "grid" for p in self.params)
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.params]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_search(run: RunConfig) -> SearchSpec:
+    """Validate `run.search` against the run configuration it modifies."""
+    raw = run.search or {}
+    source = run.source
+
+    def fail(key: str, value: Any, allowed: str):
+        raise ConfigError(source, f"search.{key}", value, allowed)
+
+    known = {"num_samples", "max_concurrent", "seed", "scheduler", "params", "baselines"}
+    for key in raw:
+        if key not in known:
+            fail(key, raw[key], f"unknown setting; known: {sorted(known)}")
+    params = tuple(
+        _parse_param(key, spec, fail) for key, spec in (raw.get("params") or {}).items()
+    )
+    baselines = tuple(raw.get("baselines") or ())
+    for name in baselines:
+        if name not in PRESETS:
+            fail("baselines", name, f"unknown baseline; known: {sorted(PRESETS)}")
+    spec = SearchSpec(
+        params=params,
+        baselines=baselines,
+        num_samples=_positive_int(raw, "num_samples", 8, fail),
+        max_concurrent=_positive_int(raw, "max_concurrent", 1, fail),
+        seed=_positive_int(raw, "seed", 0, fail, minimum=0),
+        scheduler=_parse_scheduler(raw.get("scheduler", "asha"), fail),
+    )
+    _check_against_run(spec, run, fail)
+    return spec
+
+
+def _positive_int(raw, key, default, fail, minimum=1) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(key, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def _parse_scheduler(raw: Any, fail) -> SchedulerSpec | None:
+    if raw in (None, "none", False):
+        return None
+    if raw == "asha":
+        return SchedulerSpec()
+    if not isinstance(raw, dict) or raw.get("type", "asha") != "asha":
+        fail("scheduler", raw, "must be null, 'asha' or {type: asha, grace_rounds, "
+             "reduction_factor, metric}")
+    extra = set(raw) - {"type", "grace_rounds", "reduction_factor", "metric"}
+    if extra:
+        fail("scheduler", raw, f"unknown fields {sorted(extra)}")
+    grace = raw.get("grace_rounds", 1)
+    factor = raw.get("reduction_factor", 2)
+    metric = raw.get("metric", "best_rougeL")
+    if metric not in SCHEDULER_METRICS:
+        fail("scheduler.metric", metric, f"must be one of {sorted(SCHEDULER_METRICS)}")
+    if not isinstance(grace, int) or grace < 1:
+        fail("scheduler.grace_rounds", grace, "must be an integer >= 1")
+    if not isinstance(factor, int) or factor < 2:
+        fail("scheduler.reduction_factor", factor, "must be an integer >= 2")
+    return SchedulerSpec(grace_rounds=grace, reduction_factor=factor, metric=metric)
+
+
+def _parse_param(key: str, spec: Any, fail) -> Param:
+    where = f"params.{key}"
+    if not isinstance(spec, dict):
+        fail(where, spec, "must be a mapping like {type: uniform, low: 0.0, high: 1.0}")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        fail(f"{where}.type", kind, f"must be one of {list(PARAM_TYPES)}")
+    extra = set(spec) - {"type", "low", "high", "values", "when"}
+    if extra:
+        fail(where, spec, f"unknown fields {sorted(extra)}")
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        fail(f"{where}.when", when, "must map a config key to the value it must have")
+    if kind in ("categorical", "grid"):
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            fail(f"{where}.values", values, "must be a non-empty list")
+        return Param(key, kind, values=tuple(values), when=when)
+    low, high = spec.get("low"), spec.get("high")
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail(f"{where}.{name}", value, "must be a number")
+    if not low < high:
+        fail(where, spec, f"low ({low}) must be below high ({high})")
+    if kind == "loguniform" and low <= 0:
+        fail(f"{where}.low", low, "must be > 0 for a log-uniform range")
+    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+        fail(where, spec, "an int range needs integer low and high")
+    return Param(key, kind, low=low, high=high, when=when)
+
+
+def _check_against_run(spec: SearchSpec, run: RunConfig, fail) -> None:
+    """Every point the space can produce must make a valid run; no degenerate loss."""
+    base = run.to_dict()
+    params = {p.key: p for p in spec.params}
+    if any(p.type == "grid" for p in spec.params) and not spec.is_grid:
+        fail("params", sorted(params), "a grid cannot be mixed with sampled parameters")
+    if spec.is_grid and any(p.when for p in spec.params):
+        fail("params", sorted(params), "conditional ('when') parameters need a sampled space")
+    earlier: set[str] = set()
+    for param in spec.params:
+        for key in param.when:
+            if key not in earlier:
+                fail(f"params.{param.key}.when", key,
+                     "must name a searched parameter listed before this one")
+        earlier.add(param.key)
+        probe = _representative(param)
+        try:
+            _apply(base, {param.key: probe})
+        except ConfigError as error:
+            fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
+    _check_degenerate(spec, base, fail)
+
+
+def _check_degenerate(spec: SearchSpec, base: dict, fail) -> None:
+    params = {p.key: p for p in spec.params}
+    lam = params.get("amid.lam")
+    order = params.get("amid.order")
+    orders = order.possible_values() if order else (base["amid"]["order"],)
+    if lam is None:
+        lams: tuple = (base["amid"]["lam"],)
+    elif lam.possible_values() is not None:
+        lams = lam.possible_values()
+    else:  # a continuous range reaches 0 or 1 only at a closed end
+        if lam.low < 0 or lam.high > 1:
+            fail("params.amid.lam", [lam.low, lam.high], "must lie within [0, 1]")
+        lams = tuple(v for v in (lam.low, lam.high) if v in (0, 1))
+    for order_value, lam_value in itertools.product(orders, lams):
+        if is_degenerate(order_value, lam_value):
+            fail("params", {"amid.order": order_value, "amid.lam": lam_value},
+                 "this combination has an identically zero loss (nothing to learn); restrict "
+                 "amid.lam to (0, 1) or drop the order")
+
+
+def _representative(param: Param) -> Any:
+    if param.possible_values() is not None:
+        return param.values[0]
+    if param.type == "loguniform":
+        return math.sqrt(param.low * param.high)
+    if param.type == "int":
+        return (param.low + param.high) // 2
+    return (param.low + param.high) / 2
+
+
+# --------------------------------------------------------------------------- applying points
+
+
+def _apply(base: dict, point: dict[str, Any]) -> RunConfig:
+    raw = copy.deepcopy(base)
+    raw.pop("search", None)
+    for key, value in point.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(raw, "search point")
+
+
+def trial_run_config(base: dict, point: dict[str, Any], source: str) -> RunConfig:
+    """The run configuration of one trial: the base values with the trial's point applied."""
+    try:
+        return _apply(base, point)
+    except ConfigError as error:
+        raise ConfigError(source, error.key, error.value, error.allowed) from None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class DefineByRun:
+    """Optuna define-by-run space: baselines first, then the (conditional) parameters.
+
+    A callable object rather than a closure so Ray can pickle it with the searcher's state.
+    """
+
+    def __init__(self, spec: SearchSpec):
+        self.spec = spec
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        if trial.number < len(self.spec.baselines):
+            # Baselines set no sampled parameter: TPE learns nothing false from them.
+            return {PRESET_KEY: self.spec.baselines[trial.number]}
+        chosen: dict[str, Any] = {}
+        for param in self.spec.params:
+            # A parameter whose condition failed is absent, so it fails its dependants too.
+            if any(key not in chosen or chosen[key] != value for key, value in param.when.items()):
+                continue
+            chosen[param.key] = _suggest(trial, param)
+        return None
+
+    def __repr__(self) -> str:
+        return f"DefineByRun({self.spec.keys}, baselines={list(self.spec.baselines)})"
+
+
+def _suggest(trial, param: Param) -> Any:
+    if param.type == "categorical":
+        return trial.suggest_categorical(param.key, list(param.values))
+    if param.type == "uniform":
+        return trial.suggest_float(param.key, param.low, param.high)
+    if param.type == "loguniform":
+        return trial.suggest_float(param.key, param.low, param.high, log=True)
+    return trial.suggest_int(param.key, param.low, param.high)
+
+
+def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """Every point of a grid space (the baselines come first, as their own points)."""
+    points = [{PRESET_KEY: name} for name in spec.baselines]
+    keys = spec.keys
+    for values in itertools.product(*(p.values for p in spec.params)):
+        points.append(dict(zip(keys, values, strict=True)))
+    return points
