@@ -300,8 +300,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, help="trials in all, baselines included")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a "
                         "local Ray)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the "
-                        "search folder)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
+                        "$MLFLOW_TRACKING_URI, else sqlite in the search folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--resume", metavar="SEARCH_DIR", help="continue this search instead")

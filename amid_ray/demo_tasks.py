@@ -82,9 +82,9 @@ def _pick_words(rng: random.Random, low: int = 3, high: int = 5) -> list[str]:
 
 
 def arithmetic(rng: random.Random) -> Task:
-    """A one-step addition or subtraction word problem; the answer is the number."""
+    """A one-step addition or subtraction word problem with small numbers; the answer."""
     name, item = rng.choice(NAMES), rng.choice(COUNTABLE_ITEMS)
-    first, second = rng.randint(2, 50), rng.randint(1, 30)
+    first, second = rng.randint(2, 12), rng.randint(1, 9)
     if rng.random() < 0.5:
         problem = f"{name} has {first} {item} and gets {second} more. How many {item} now?"
         answer = first + second
@@ -148,8 +148,8 @@ def extract_email(rng: random.Random) -> Task:
 
 
 def extract_number(rng: random.Random) -> Task:
-    """Find the price in a sentence."""
-    value = rng.randint(5, 500)
+    """Find the price (below 100 dollars) in a sentence."""
+    value = rng.randint(5, 99)
     sentence = rng.choice(PRICE_SENTENCES).format(
         thing=rng.choice(PRICED_THINGS), value=value, name=rng.choice(NAMES))
     return Task("What is the price in dollars mentioned in this sentence?", sentence, str(value))
@@ -176,8 +176,8 @@ def capitalize(rng: random.Random) -> Task:
 
 
 def compare_numbers(rng: random.Random) -> Task:
-    """Name the larger or the smaller of two numbers."""
-    first, second = rng.sample(range(1, 1000), 2)
+    """Name the larger or the smaller of two numbers below 100."""
+    first, second = rng.sample(range(1, 100), 2)
     if rng.random() < 0.5:
         return Task(f"Which number is larger, {first} or {second}?", "", str(max(first, second)))
     return Task(f"Which number is smaller, {first} or {second}?", "", str(min(first, second)))

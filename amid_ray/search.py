@@ -12,6 +12,7 @@ Search folder `<storage>/<name>` holds everything needed to resume:
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ SEARCH_FILE = "search.yaml"
 TRACKING_URI_FILE = "tracking_uri"
 TRIALS_DIR = "trials"
 BEST_DIR = "best"
+#: What Ray Train writes into a run folder once it has reported.
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRIC, MODE = "best_rougeL", "max"
 
 
@@ -193,7 +196,7 @@ def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
     for trial in analysis.trials:
         train_dir = search_dir / TRIALS_DIR / trial.trial_id
         outcome = None
-        if train_dir.is_dir():
+        if (train_dir / TRAIN_SNAPSHOT).is_file():  # absent when a trial failed before a report
             outcome = read_outcome(ray.train.Result.from_path(str(train_dir)))
         steps = outcome.history[-1].get("step") if outcome and outcome.history else None
         if trial.status == "ERROR":
@@ -325,7 +328,8 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     uri_file = search_dir / TRACKING_URI_FILE
     if resume_dir is None:
         save_search_file(run, search_dir)
-        uri_file.write_text(tracking_uri or default_tracking_uri(search_dir))
+        uri_file.write_text(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                            or default_tracking_uri(search_dir))
     # A resumed search logs where it started logging, unless told otherwise.
     tracking_uri = tracking_uri or uri_file.read_text().strip()
     tracker = MLflowSearchTracker(

@@ -100,8 +100,8 @@ def parse_search(run: RunConfig) -> SearchSpec:
     for key in raw:
         if key not in known:
             fail(key, raw[key], f"unknown setting; known: {sorted(known)}")
-    params = tuple(
-        _parse_param(key, spec, fail) for key, spec in (raw.get("params") or {}).items()
+    params = _dependencies_first(
+        [_parse_param(key, spec, fail) for key, spec in (raw.get("params") or {}).items()], fail
     )
     baselines = tuple(raw.get("baselines") or ())
     for name in baselines:
@@ -117,6 +117,25 @@ def parse_search(run: RunConfig) -> SearchSpec:
     )
     _check_against_run(spec, run, fail)
     return spec
+
+
+def _dependencies_first(params: list[Param], fail) -> tuple[Param, ...]:
+    """Order parameters so each comes after those its `when` condition reads."""
+    by_key = {p.key: p for p in params}
+    for param in params:
+        for key in param.when:
+            if key not in by_key:
+                fail(f"params.{param.key}.when", key, "must name another searched parameter")
+    ordered: list[Param] = []
+    placed: set[str] = set()
+    while len(ordered) < len(params):
+        ready = [p for p in params if p.key not in placed and set(p.when) <= placed]
+        if not ready:
+            cycle = sorted(p.key for p in params if p.key not in placed)
+            fail("params", cycle, "their 'when' conditions depend on each other in a cycle")
+        ordered.extend(ready)
+        placed.update(p.key for p in ready)
+    return tuple(ordered)
 
 
 def _positive_int(raw, key, default, fail, minimum=1) -> int:
@@ -188,13 +207,7 @@ def _check_against_run(spec: SearchSpec, run: RunConfig, fail) -> None:
         fail("params", sorted(params), "a grid cannot be mixed with sampled parameters")
     if spec.is_grid and any(p.when for p in spec.params):
         fail("params", sorted(params), "conditional ('when') parameters need a sampled space")
-    earlier: set[str] = set()
     for param in spec.params:
-        for key in param.when:
-            if key not in earlier:
-                fail(f"params.{param.key}.when", key,
-                     "must name a searched parameter listed before this one")
-        earlier.add(param.key)
         probe = _representative(param)
         try:
             _apply(base, {param.key: probe})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from ray.train.torch import TorchTrainer
 
 from amid_ray.config import RunConfig
 from amid_ray.sources import absolute_paths
-from amid_ray.worker import MODEL_DIR, train_loop_per_worker
+from amid_ray.worker import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
 
 
 def storage_root(run: RunConfig) -> str:
@@ -76,11 +77,16 @@ class TrainOutcome:
 
 
 def read_outcome(result: ray.train.Result) -> TrainOutcome:
-    """Best checkpoint by ROUGE-L and the metric history, read from the run's result folder."""
-    history = [] if result.metrics_dataframe is None else [
-        {k: _plain(v) for k, v in row.items()}
-        for row in result.metrics_dataframe.to_dict("records")
-    ]
+    """Best checkpoint by ROUGE-L and the metric history, read from the run's result folder.
+
+    The history comes from the latest checkpoint: Ray keeps metrics only for the checkpoints it
+    retains, while each checkpoint carries the whole history up to its step.
+    """
+    history = []
+    if result.checkpoint is not None:
+        history_file = Path(result.checkpoint.path) / HISTORY_FILE
+        if history_file.is_file():
+            history = json.loads(history_file.read_text())
     scored = [(metrics, ckpt) for ckpt, metrics in (result.best_checkpoints or [])
               if math.isfinite(metrics.get("rougeL", math.nan))]
     if not scored:

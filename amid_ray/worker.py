@@ -9,6 +9,7 @@ a checkpoint from rank 0, through `ray.train.report`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -41,6 +42,8 @@ from amid_ray.sources import load_models, load_train_dev
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
+#: The run's metric history up to a checkpoint, readable without loading optimizer state.
+HISTORY_FILE = "history.json"
 
 
 # --------------------------------------------------------------------------- batches
@@ -223,6 +226,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 def _save_checkpoint(folder: Path, student, tokenizer, trainer_state: dict[str, Any]) -> None:
     save_model(student, tokenizer, folder / MODEL_DIR)
     torch.save(trainer_state, folder / TRAINER_STATE)
+    (folder / HISTORY_FILE).write_text(json.dumps(trainer_state["history"]))
 
 
 # --------------------------------------------------------------------------- the loop

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from amid_ray.config import config_from_dict
 from amid_ray.search import collect_trials, run_search
 from amid_ray.tracking import tracking_summary
+from amid_ray.training import read_outcome
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, tmp_path)
     config = search_file(tiny_world, tmp_path, "resumed", num_samples=4, max_concurrent=1,
                          scheduler=None)
     config_path = tmp_path / "space.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     search_dir = tmp_path / "resumed"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen(
@@ -139,7 +140,7 @@ def _train_history(search_dir: Path, trial_id: str) -> list[dict]:
     import ray.train
 
     result = ray.train.Result.from_path(str(search_dir / "trials" / trial_id))
-    return result.metrics_dataframe.to_dict("records")
+    return read_outcome(result).history
 
 
 def _wait_for_finished_trial(search_dir: Path, driver, timeout: float) -> list[str]:
