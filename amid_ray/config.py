@@ -191,7 +191,7 @@ class SGOConfig:
 class EvalConfig:
     every: int = _help("optimizer steps between evaluation rounds (the last step always has one)",
                        50)
-    num_examples: int = _help("dev items generated for ROUGE-L in each round", 100)
+    num_examples: int = _help("dev items (loss and generated answers) in each round", 100)
     max_new_tokens: int = _help("new tokens per generated answer", 256)
     greedy: bool = _help("greedy decoding instead of the paper's sampling (temperature 1)", False)
     batch_size: int = _help("prompts per generation batch", 8)

@@ -167,8 +167,9 @@ def evaluation_round(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    """Dev loss (AMiD, token mean) and ROUGE-L of sampled dev answers, over all workers."""
-    mine = dev_examples[rank::world_size]
+    """Dev loss (AMiD, token mean) and ROUGE-L of generated answers on the first
+    `eval.num_examples` dev items, split across workers."""
+    mine = dev_examples[: run.eval.num_examples][rank::world_size]
     collate = TrainingCollator(tokenizer.pad_token_id)
     loss_sum, tokens = 0.0, 0.0
     was_training = student.training
@@ -188,7 +189,7 @@ def evaluation_round(
             tokens += count
     student.train(was_training)
 
-    generated = mine[: math.ceil(run.eval.num_examples / world_size)]
+    generated = mine
     rouge_sum = 0.0
     if generated:
         settings = GenerationSettings(
