@@ -305,6 +305,11 @@ def _coerce(value: Any, annotation: Any, where: _Where, key: str) -> Any:
             where.fail(key, value, "must be a mapping")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                where.fail(key, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, int | float):
             where.fail(key, value, "must be a number")
         return float(value)

@@ -207,13 +207,13 @@ def _check_against_run(spec: SearchSpec, run: RunConfig, fail) -> None:
         fail("params", sorted(params), "a grid cannot be mixed with sampled parameters")
     if spec.is_grid and any(p.when for p in spec.params):
         fail("params", sorted(params), "conditional ('when') parameters need a sampled space")
+    _check_degenerate(spec, base, fail)
     for param in spec.params:
         probe = _representative(param)
         try:
             _apply(base, {param.key: probe})
         except ConfigError as error:
             fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
-    _check_degenerate(spec, base, fail)
 
 
 def _check_degenerate(spec: SearchSpec, base: dict, fail) -> None:

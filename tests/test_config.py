@@ -1,0 +1,162 @@
+"""Run configuration and search-space validation: errors name file, key, value, what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from amid_ray.config import ConfigError, config_from_dict, load_config
+from amid_ray.search_space import DefineByRun, grid_points, parse_search, trial_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip():
+    run = config_from_dict({})
+    assert run.train.lr == 5e-4 and run.amid.order == "pr" and run.models.teacher == "demo"
+    assert config_from_dict(run.to_dict()).to_dict() == run.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("train:\n  lr: -1\n", "train.lr", "must be > 0"),
+        ("train:\n  lr: fast\n", "train.lr", "must be a number"),
+        ("train:\n  batch_sise: 4\n", "train.batch_sise", "did you mean 'batch_size'?"),
+        ("amid:\n  order: pq\n", "amid.order", "must be one of ['pr', 'qr', 'rp', 'rq']"),
+        ("amid:\n  lam: 1.0\n  order: pr\n", "amid.lam", "identically 0"),
+        ("amid:\n  preset: gkd\n", "amid.preset", "must be one of"),
+        ("data:\n  train: nowhere.jsonl\n", "data.train", "no such file or folder"),
+        ("data:\n  max_length: 64\n  max_prompt_length: 64\n", "data.max_prompt_length",
+         "must be below max_length (64)"),
+        ("trian: {}\n", "trian", "did you mean 'train'?"),
+        ("models:\n  student: derive\n", "models.student_layers", "needs a non-empty list"),
+    ],
+)
+def test_config_errors_name_file_key_value_and_allowed(tmp_path, text, key, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    error = caught.value
+    assert error.key == key
+    assert str(path) in str(error) and message in str(error)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    path = write(tmp_path, "data:\n  train: train.jsonl\n")
+    run = load_config(path, ["train.lr=2e-4", "amid.divergence=ab", "eval.greedy=true"])
+    assert run.data.train == str((tmp_path / "train.jsonl").resolve())
+    assert run.train.lr == 2e-4 and run.amid.divergence == "ab" and run.eval.greedy is True
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_presets_fill_the_loss_settings():
+    run = config_from_dict({"amid": {"preset": "srkl"}})
+    assert run.amid.loss_kwargs() == {
+        "alpha": -1.0, "lam": 0.9, "divergence": "kl", "order": "qr", "ab_alpha": 0.2,
+        "ab_beta": 0.7, "detach_assistant": False,
+    }
+
+
+SPACE = {
+    "num_samples": 6,
+    "baselines": ["kd", "taid"],
+    "params": {
+        "amid.ab_alpha": {"type": "uniform", "low": 0.1, "high": 0.9,
+                          "when": {"amid.divergence": "ab"}},
+        "amid.divergence": {"type": "categorical", "values": ["kl", "ab"]},
+        "amid.alpha": {"type": "uniform", "low": -5.0, "high": 3.0},
+        "amid.lam": {"type": "uniform", "low": 0.05, "high": 0.95},
+        "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+    },
+}
+
+
+def test_define_by_run_gives_baselines_first_then_conditional_samples():
+    spec = parse_search(config_from_dict({"search": SPACE}))
+    assert spec.keys.index("amid.divergence") < spec.keys.index("amid.ab_alpha")
+    space = DefineByRun(spec)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0))
+    points = []
+    for _ in range(12):
+        trial = study.ask()
+        extra = space(trial)
+        points.append(extra or dict(trial.params))
+        study.tell(trial, 0.0)
+    assert points[:2] == [{"amid.preset": "kd"}, {"amid.preset": "taid"}]
+    for point in points[2:]:
+        assert -5.0 <= point["amid.alpha"] <= 3.0 and 1e-4 <= point["train.lr"] <= 1e-3
+        assert ("amid.ab_alpha" in point) == (point["amid.divergence"] == "ab")
+    assert {p["amid.divergence"] for p in points[2:]} == {"kl", "ab"}
+    base = config_from_dict({"search": SPACE}).to_dict()
+    run = trial_run_config(base, points[3], source="trial x")
+    assert run.amid.alpha == points[3]["amid.alpha"] and run.search is None
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "message"),
+    [
+        ({"amid.lam": {"type": "categorical", "values": [0.0, 0.5]},
+          "amid.order": {"type": "categorical", "values": ["pr", "qr"]}},
+         "search.params", "identically zero loss"),
+        ({"amid.lam": {"type": "uniform", "low": 0.0, "high": 0.5}}, "search.params",
+         "identically zero loss"),
+        ({"amid.alpha": {"type": "uniform", "low": 1.0, "high": -1.0}}, "search.params.amid.alpha",
+         "must be below high"),
+        ({"train.lr": {"type": "loguniform", "low": 0.0, "high": 1e-3}},
+         "search.params.train.lr.low", "must be > 0"),
+        ({"amid.order": {"type": "categorical", "values": ["pq"]}}, "search.params.amid.order",
+         "does not make a valid run"),
+        ({"amid.ab_beta": {"type": "uniform", "low": 0.1, "high": 0.9,
+                           "when": {"amid.divergence": "ab"}}},
+         "search.params.amid.ab_beta.when", "must name another searched parameter"),
+        ({"amid.alpha": {"type": "grid", "values": [-1, 0]},
+          "amid.lam": {"type": "uniform", "low": 0.1, "high": 0.9}}, "search.params",
+         "cannot be mixed"),
+        ({"train.lr": {"type": "normal"}}, "search.params.train.lr.type", "must be one of"),
+    ],
+)
+def test_search_space_errors(params, key, message):
+    run = config_from_dict({"amid": {"order": "qr"}, "search": {"params": params}}, "space.yaml")
+    with pytest.raises(ConfigError) as caught:
+        parse_search(run)
+    assert caught.value.key == key and message in str(caught.value)
+    assert str(caught.value).startswith("space.yaml: ")
+
+
+def test_grid_points_cover_the_product_after_the_baselines():
+    run = config_from_dict({"search": {"baselines": ["abkd"], "params": {
+        "amid.alpha": {"type": "grid", "values": [-3.0, 0.0, 0.5]},
+        "amid.order": {"type": "grid", "values": ["pr", "rq"]},
+    }}})
+    points = grid_points(parse_search(run))
+    assert points[0] == {"amid.preset": "abkd"}
+    assert len(points) == 1 + 6
+    assert {(p["amid.alpha"], p["amid.order"]) for p in points[1:]} == {
+        (a, o) for a in (-3.0, 0.0, 0.5) for o in ("pr", "rq")}
+
+
+@pytest.mark.parametrize("name", ["demo", "paper_gpt2", "default", "baselines"])
+def test_shipped_search_spaces_are_valid(name, tiny_world):
+    # Paths in the GPU files point at a user's checkpoints: stand the tiny world in for them.
+    overrides = [] if name == "demo" else [
+        f"models.teacher={tiny_world['teacher']}", f"models.student={tiny_world['student']}",
+        f"data.train={tiny_world['train']}", f"data.dev={tiny_world['dev']}",
+    ]
+    run = load_config(ROOT / "search_spaces" / f"{name}.yaml", overrides)
+    spec = parse_search(run)
+    if name == "paper_gpt2":
+        assert spec.is_grid and len(grid_points(spec)) == 5 + 7 * 2 * 4
+    if name == "baselines":
+        assert spec.baselines == ("kd", "rkl", "skl", "srkl", "taid", "abkd")
