@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -332,6 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "tokens_per_s": tokens / elapsed,
                 "sgo_threshold": scheduler.threshold,
                 "restored_step": restored_step,
+                "node_id": ray.get_runtime_context().get_node_id(),
             }
             metrics |= evaluation_round(
                 bare_student, teacher, tokenizer, dev_examples, run, rank=rank,

@@ -1,0 +1,150 @@
+"""A search against a real 2-node Ray cluster on this machine, logging to a real MLflow server.
+
+Starts `ray start --head` (127.0.0.1) and a second `ray start --address …` with its own CPUs,
+resources and temp folder, plus `mlflow server` on 127.0.0.1; stops exactly those processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
+from amid_ray.config import config_from_dict
+from amid_ray.search import run_search
+from amid_ray.tracking import tracking_summary
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    # Two nodes on one host must not share the per-node agent ports.
+    return [f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}"]
+
+
+def stop_processes_under(folder: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line mentions `folder`."""
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(folder in part for part in (p.info["cmdline"] or []))]
+    for process in mine:
+        process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        process.kill()
+
+
+@pytest.fixture
+def two_node_cluster():
+    # Short paths: Ray's Unix sockets live under the temp folders.
+    root = tempfile.mkdtemp(prefix="amidmn-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = free_port()
+    try:
+        subprocess.run(
+            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=1", f"--resources={{\"{TRIAL_DRIVER_RESOURCE}\": 8}}",
+             f"--temp-dir={root}/head", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", *node_ports()],
+            check=True, env=env, capture_output=True, timeout=120,
+        )
+        subprocess.run(
+            [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=1", f"--temp-dir={root}/second", *node_ports()],
+            check=True, env=env, capture_output=True, timeout=120,
+        )
+        yield f"127.0.0.1:{port}", root
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        stop_processes_under(root)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not answer /health within 90 s")
+    yield url
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+def test_search_spreads_over_two_nodes_and_logs_to_the_server(
+        tiny_world, two_node_cluster, mlflow_server, tmp_path):
+    address, _ = two_node_cluster
+    shared = tmp_path / "shared-storage"
+    run = config_from_dict({
+        "name": "cluster-search",
+        "models": {"teacher": tiny_world["teacher"], "student": tiny_world["student"]},
+        "data": {"train": tiny_world["train"], "dev": tiny_world["dev"], "max_length": 96,
+                 "max_prompt_length": 72},
+        "train": {"batch_size": 4, "max_steps": 4},
+        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(shared),
+                      "keep_checkpoints": 1},
+        "search": {"num_samples": 4, "max_concurrent": 2, "scheduler": None,
+                   "baselines": ["kd", "rkl", "skl", "abkd"],
+                   "params": {"amid.alpha": {"type": "uniform", "low": -3.0, "high": 0.5}}},
+    }, "test")
+    ray.init(address=address)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    outcome = run_search(run, tracking_uri=mlflow_server)
+
+    nodes = {row["node_id"] for record in outcome.records
+             for row in _history(outcome.search_dir, record.trial_id)}
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # trials on both nodes
+
+    tracked = tracking_summary(mlflow_server, outcome.search_dir)
+    assert sorted(c["trial_id"] for c in tracked["children"]) == sorted(
+        r.trial_id for r in outcome.records)
+    assert all(c["status"] == "FINISHED" for c in tracked["children"])
+    assert all(c["metrics"]["rougeL"] for c in tracked["children"])
+
+    search_dir = shared / "cluster-search"
+    assert outcome.search_dir == search_dir
+    assert (search_dir / "search.yaml").is_file()
+    assert any(search_dir.glob("experiment_state-*.json"))
+    assert all((search_dir / "trials" / r.trial_id).is_dir() for r in outcome.records)
+    assert (search_dir / "best" / "config.json").is_file()
+
+
+def _history(search_dir: Path, trial_id: str) -> list[dict]:
+    from amid_ray.training import read_outcome
+
+    return read_outcome(ray.train.Result.from_path(str(search_dir / "trials" / trial_id))).history
