@@ -24,8 +24,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": WORKER_ENV}
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
+        # Ray Train's placement-group cleaner looks the cluster up by address; with more than
+        # one Ray on a machine, "auto" would be ambiguous.
+        runtime_env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
         return True
     ray.init(
