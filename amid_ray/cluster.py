@@ -28,7 +28,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         # Ray Train's placement-group cleaner looks the cluster up by address; with more than
         # one Ray on a machine, "auto" would be ambiguous.
-        runtime_env["env_vars"]["RAY_ADDRESS"] = address
+        if address != "auto" and not address.startswith("ray://"):
+            runtime_env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
         return True
     ray.init(
