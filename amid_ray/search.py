@@ -193,7 +193,7 @@ def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
 
     analysis = ExperimentAnalysis(str(search_dir))
     records = []
-    for trial in analysis.trials:
+    for trial in sorted(analysis.trials, key=_creation_index):
         train_dir = search_dir / TRIALS_DIR / trial.trial_id
         outcome = None
         if (train_dir / TRAIN_SNAPSHOT).is_file():  # absent when a trial failed before a report
@@ -219,6 +219,12 @@ def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
             best_checkpoint=outcome.best_checkpoint if outcome else None,
         ))
     return records
+
+
+def _creation_index(trial) -> int:
+    # Tune's experiment tag starts with the trial's 1-based creation index ("3_amid.alpha=…").
+    head = str(trial.experiment_tag).split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def best_trial(records: list[TrialRecord]) -> TrialRecord | None:

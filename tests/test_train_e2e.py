@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -54,7 +55,8 @@ def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, loc
 def _train_worker_pids() -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("state", "=", "ALIVE")], limit=1000)
     return [a.pid for a in actors if "TrainWorker" in (a.class_name or "")]
 
 
