@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
-from amid_ray.data import build_prompt, load_examples
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from amid_ray import demo
+from amid_ray.data import (
+    InstructionExample,
+    TrainingCollator,
+    build_prompt,
+    encode_example,
+    load_examples,
+)
+from amid_ray.demo import (
+    DEMO_RECIPE,
+    DemoRecipe,
+    ModelShape,
+    TrainingRun,
+    build_demo_assets,
+    evaluate_demo_models,
+    response_loss,
+    train_on_responses,
+)
 from amid_ray.demo_tasks import TASK_FAMILIES, generate_examples, write_demo_splits
+from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -123,3 +148,137 @@ def test_test_split_does_not_depend_on_train_size(tmp_path: Path):
     small = write_demo_splits(tmp_path / "a", n_train=20, n_dev=10, n_test=30, seed=4)
     large = write_demo_splits(tmp_path / "b", n_train=90, n_dev=10, n_test=30, seed=4)
     assert small["test"].read_text() == large["test"].read_text()
+
+
+# --- the demo teacher and student --------------------------------------------------------------
+
+TINY_RECIPE = DemoRecipe(
+    n_train=28, n_dev=14, n_test=14,
+    teacher=ModelShape(n_layer=1, n_embd=16, n_head=2),
+    teacher_training=TrainingRun(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1, seed=1),
+    student=ModelShape(n_layer=1, n_embd=8, n_head=1),
+    student_warmup=TrainingRun(steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=1, seed=2),
+)
+
+
+def build_dirs(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*demo-*"))
+
+
+def test_tiny_build_layout_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assets = build_demo_assets(tmp_path, recipe=TINY_RECIPE)
+    assert "teacher: step 3/3 loss" in capsys.readouterr().out
+    for path in (assets.train_file, assets.dev_file, assets.test_file):
+        assert path.parent == assets.data_dir and path.is_file()
+    assert len(load_examples(assets.test_file)) == 14
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(assets.student_dir)
+    assert (teacher.config.n_layer, teacher.config.n_embd) == (1, 16)
+    assert (student.config.n_layer, student.config.n_embd) == (1, 8)
+    assert teacher.config.vocab_size == student.config.vocab_size == 50257
+    assert AutoTokenizer.from_pretrained(assets.tokenizer_dir).encode("Hello world") == [15496, 995]
+    assert assets.manifest["recipe"]["n_train"] == 28
+
+    started = time.monotonic()
+    assert build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False) == assets
+    assert time.monotonic() - started < 1.0
+    assert capsys.readouterr().out == ""
+    assert len(build_dirs(tmp_path)) == 1
+
+
+def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch):
+    def crash_on_student(model, tokenizer, folder):
+        if Path(folder).name == "student":
+            raise KeyboardInterrupt
+        return save_model(model, tokenizer, folder)
+
+    monkeypatch.setattr(demo, "save_model", crash_on_student)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False)
+    assert build_dirs(tmp_path) == []
+
+    monkeypatch.setattr(demo, "save_model", save_model)
+    stale = tmp_path / f".demo-{TINY_RECIPE.fingerprint()}.partial-killed"
+    (stale / "teacher").mkdir(parents=True)
+    assets = build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False)
+    assert build_dirs(tmp_path) == [assets.data_dir.parent]
+
+
+def test_concurrent_callers_share_one_build(tmp_path: Path, monkeypatch):
+    builds = []
+
+    def counted_build(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        return real_build(*args, **kwargs)
+
+    real_build = demo._build_into
+    monkeypatch.setattr(demo, "_build_into", counted_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build_demo_assets(
+        tmp_path, recipe=TINY_RECIPE, progress=False))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert len(results) == 3 and results[0] == results[1] == results[2]
+
+
+def test_another_recipe_gets_its_own_folder():
+    other = dataclasses.replace(TINY_RECIPE, n_train=30)
+    assert other.fingerprint() != TINY_RECIPE.fingerprint()
+    assert DEMO_RECIPE.fingerprint() == DemoRecipe().fingerprint()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    return load_gpt2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def encoded_examples(tokenizer: PreTrainedTokenizerBase, n: int) -> list[dict[str, list[int]]]:
+    return [
+        encode_example(tokenizer, InstructionExample(row["prompt"], row["output"],
+                                                     (row["output"],), "demo"),
+                       max_length=96, max_prompt_length=80)
+        for row in generate_examples(n, seed=0)
+    ]
+
+
+def test_response_loss_matches_the_models_own_loss(tokenizer: PreTrainedTokenizerBase):
+    model = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, seed=0).eval()
+    batch = TrainingCollator(tokenizer.eos_token_id)(encoded_examples(tokenizer, 4))
+    assert torch.allclose(response_loss(model, batch), model(**batch).loss, atol=1e-5)
+
+
+def test_training_is_repeatable(tokenizer: PreTrainedTokenizerBase):
+    encoded = encoded_examples(tokenizer, 8)
+    run = TrainingRun(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1, seed=5)
+
+    def trained() -> torch.Tensor:
+        model = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, seed=0)
+        train_on_responses(model, encoded, run, tokenizer.eos_token_id, lambda line: None)
+        return model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+
+    first = trained()
+    assert torch.equal(first, trained())
+    untrained = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, seed=0)
+    assert not torch.equal(first, untrained.transformer.h[0].mlp.c_fc.weight)
+
+
+SMALL_RECIPE = dataclasses.replace(
+    DEMO_RECIPE, n_train=3000, n_dev=28, n_test=56,
+    teacher_training=dataclasses.replace(DEMO_RECIPE.teacher_training, steps=700),
+    student_warmup=dataclasses.replace(DEMO_RECIPE.student_warmup, steps=50),
+)
+
+
+@pytest.mark.slow
+def test_a_smaller_build_gives_a_teacher_far_better_than_a_random_student(tmp_path: Path):
+    assets = build_demo_assets(tmp_path, recipe=SMALL_RECIPE, progress=False)
+    for folder in (assets.teacher_dir, assets.student_dir):
+        assert AutoModelForCausalLM.from_pretrained(folder).config.vocab_size == 50257
+    scores = evaluate_demo_models(assets, n_test=56)
+    assert scores["n_test"] == 56
+    teacher, random_student = scores["teacher"], scores["random_student"]
+    assert teacher["greedy"] > random_student["greedy"] + 10.0
+    assert teacher["sampled"] > random_student["sampled"] + 5.0
