@@ -39,6 +39,11 @@ from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    return load_gpt2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
 def rows_of(topic: str, n: int = 400, seed: int = 3) -> list[dict[str, str]]:
     return [row for row in generate_examples(n, seed) if row["topic"] == topic]
 
@@ -72,6 +77,16 @@ def test_every_row_is_a_valid_minillm_row():
         assert row["prompt"].endswith("### Response:\n")
         assert len(row["output"].split()) <= 8
     assert len({row["prompt"] for row in rows}) == len(rows)
+
+
+def test_every_answer_survives_the_no_repeat_ngram_rule(tokenizer: PreTrainedTokenizerBase):
+    """The protocol bans any 6-gram already seen in prompt + response: no answer may need one."""
+    for row in generate_examples(20 * len(TASK_FAMILIES), seed=6):
+        prompt = tokenizer.encode(row["prompt"])
+        tokens = prompt + tokenizer.encode(row["output"]) + [tokenizer.eos_token_id]
+        for end in range(len(prompt) + 1, len(tokens) + 1):
+            earlier = {tuple(tokens[i:i + 6]) for i in range(end - 6)}
+            assert tuple(tokens[end - 6:end]) not in earlier, row
 
 
 def test_arithmetic_answers():
@@ -228,11 +243,6 @@ def test_another_recipe_gets_its_own_folder():
     other = dataclasses.replace(TINY_RECIPE, n_train=30)
     assert other.fingerprint() != TINY_RECIPE.fingerprint()
     assert DEMO_RECIPE.fingerprint() == DemoRecipe().fingerprint()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    return load_gpt2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def encoded_examples(tokenizer: PreTrainedTokenizerBase, n: int) -> list[dict[str, list[int]]]:
