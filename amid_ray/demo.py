@@ -67,7 +67,12 @@ class TrainingRun:
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Everything that decides the demo assets; the cache folder is named after its hash."""
+    """Everything that decides the demo assets; the cache folder is named after its hash.
+
+    The defaults build in about 140 s on 2 uncontended CPU cores (teacher ~115 s). On the 280
+    test items the teacher scores ROUGE-L ~31 greedy / ~19 sampled, the init student ~4 / ~3
+    and a random student 0 (see `evaluate_demo_models`). Both models are saved without dropout.
+    """
 
     n_train: int = 6000
     n_dev: int = 280
@@ -103,6 +108,7 @@ class DemoAssets:
     teacher_dir: Path
     student_dir: Path
     tokenizer_dir: Path
+    # demo.json: the recipe and how long each part of the build took.
     manifest: dict[str, object] = field(default_factory=dict, compare=False)
 
     @classmethod
