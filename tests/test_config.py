@@ -160,3 +160,20 @@ def test_shipped_search_spaces_are_valid(name, tiny_world):
         assert spec.is_grid and len(grid_points(spec)) == 5 + 7 * 2 * 4
     if name == "baselines":
         assert spec.baselines == ("kd", "rkl", "skl", "srkl", "taid", "abkd")
+
+
+def test_smollm2_cpu_profile_reads_the_shared_data_and_the_pypi_teacher(instruct_dir):
+    run = load_config(ROOT / "search_spaces" / "smollm2_cpu.yaml")
+    assert (run.models.teacher, run.models.student) == ("smollm2", "derive")
+    assert run.models.student_layers == list(range(0, 30, 3))
+    assert Path(run.data.train) == (instruct_dir / "dolly_dev.jsonl").resolve()
+    assert Path(run.data.dev) == (instruct_dir / "dolly_valid.jsonl").resolve()
+    assert parse_search(run).baselines == ("kd", "srkl")
+
+
+def test_a_named_model_source_is_not_taken_for_a_path():
+    run = config_from_dict({"models": {"teacher": "smollm2", "student": "derive",
+                                       "student_layers": [0]}})
+    assert run.models.teacher == "smollm2"
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        config_from_dict({"models": {"teacher": "smollm3"}})
