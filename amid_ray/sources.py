@@ -76,6 +76,27 @@ def load_models(
     return teacher, student, tokenizer
 
 
+#: Names `amid-ray eval` accepts besides paths: model name -> (source, role), data name -> split.
+EVAL_MODELS = {SMOLLM2: (SMOLLM2, "teacher"), "demo-teacher": (DEMO, "teacher"),
+               "demo-student": (DEMO, "student")}
+EVAL_DATA = {"demo-dev": "dev", "demo-test": "test"}
+
+
+def eval_model_path(name: str) -> str:
+    """The model a name of `EVAL_MODELS` stands for, else `name` itself (a path)."""
+    if name not in EVAL_MODELS:
+        return name
+    return _model_path(*EVAL_MODELS[name])
+
+
+def eval_data_path(name: str) -> str:
+    """The eval set a name of `EVAL_DATA` stands for, else `name` itself (a path)."""
+    if name not in EVAL_DATA:
+        return name
+    assets = demo_assets(progress=True)
+    return str(assets.dev_file if EVAL_DATA[name] == "dev" else assets.test_file)
+
+
 def _data_path(source: str, split: str) -> str:
     if source != DEMO:
         return source

@@ -26,6 +26,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from ray.train import Checkpoint
 
 from amid_ray.config import RunConfig, config_from_dict
@@ -248,6 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
+    # Per-tensor loading bars from every worker of every trial drown the search's own output.
+    transformers.utils.logging.disable_progress_bar()
     teacher_dtype = {
         "auto": torch.bfloat16 if on_gpu else torch.float32,
         "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

