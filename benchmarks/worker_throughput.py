@@ -28,9 +28,11 @@ processes outside this benchmark kept busy: on a shared machine other work compe
 same cores, so repeats where it did are marked and summarised apart. Before each measurement
 the benchmark waits (up to `--quiet-wait` s) for the machine to be quiet.
 
-Run: `python benchmarks/worker_throughput.py [--steps 16] [--repeats 4] [--workdir DIR]`.
-`--worker-env KEY=VALUE` adds environment variables for the Ray workers (an experiment: the
-project's `cluster.connect` is called with its worker environment extended by these).
+Run: `python benchmarks/worker_throughput.py [--steps 8] [--repeats 2] [--workdir DIR]`.
+Experiments: `--worker-env KEY=VALUE` adds environment variables for the Ray workers (the
+project's `cluster.connect` is called with its worker environment extended by them);
+`--system-env KEY=VALUE` sets them while Ray starts, so Ray's own processes (raylet, GCS,
+dashboard and its agent) inherit them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +138,8 @@ class CpuMonitor:
         self.interval = interval
         self.samples: list[tuple[float, dict[str, float]]] = []  # (time, cores since the last)
         self.helpers: list[tuple[float, dict[str, float]]] = []  # the same, per Ray helper
-        self._labels: dict[int, str] = {}
+        #: True while the plain loop runs beside an idle Ray run (its worker is then a helper).
+        self.plain_beside_ray = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -152,8 +156,10 @@ class CpuMonitor:
             return "others"
         if pid == os.getpid():
             # This process trains in the plain loop; during a Ray run it is the driver.
-            return "ray_helpers" if len(ours) > 1 else "trainer"
-        return "trainer" if "RayTrainWorker" in _command(pid) else "ray_helpers"
+            return "trainer" if len(ours) == 1 or self.plain_beside_ray else "ray_helpers"
+        if "RayTrainWorker" in _command(pid) and not self.plain_beside_ray:
+            return "trainer"
+        return "ray_helpers"
 
     def _run(self) -> None:
         ticks_per_s = os.sysconf("SC_CLK_TCK")
@@ -170,7 +176,7 @@ class CpuMonitor:
                 group, busy = self._group(pid, ours), ticks / ticks_per_s / (now - before)
                 cores[group] += busy
                 if group == "ray_helpers":
-                    label = self._labels.setdefault(pid, _label(pid))
+                    label = _label(pid)  # not cached: Ray's workers exec and retitle
                     helpers[label] = helpers.get(label, 0.0) + busy
             self.samples.append((now, cores))
             self.helpers.append((now, helpers))
@@ -365,6 +371,7 @@ def _probe_loop(config: dict[str, Any]) -> None:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
         "affinity_cpus": len(os.sched_getaffinity(0)),
+        "niceness": os.nice(0),
     }
     Path(config["out"]).write_text(json.dumps(facts))
     ray.train.report({"done": 1})
@@ -413,6 +420,51 @@ def token_windows(run: RunConfig) -> list[tuple[int, int]]:
             windows.append((steps, tokens))
             steps, tokens = 0, 0
     return windows
+
+
+def _idle_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    Path(config["started"]).touch()
+    while not Path(config["stop"]).exists():
+        time.sleep(1.0)
+    ray.train.report({"done": 1})
+
+
+def plain_beside_idle_ray(run: RunConfig, threads: int, monitor: CpuMonitor,
+                          folder: Path) -> Measurement:
+    """The plain loop in this process while Ray is up with a 1-worker Train run (same scaling
+    config, same helper actors) whose worker only waits: Ray's background cost without Ray in
+    the training path. Needs a connected Ray."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from amid_ray.training import build_trainer
+
+    started, stop = folder / f"{run.name}-idle-started", folder / f"{run.name}-idle-stop"
+    trainer = TorchTrainer(
+        _idle_loop,
+        train_loop_config={"started": str(started), "stop": str(stop)},
+        scaling_config=build_trainer(run).scaling_config,
+        run_config=ray.train.RunConfig(name=f"{run.name}-idle",
+                                       storage_path=run.resources.storage),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        fitting = pool.submit(trainer.fit)
+        while not started.exists():
+            if fitting.done():
+                fitting.result()  # raises what went wrong
+                raise RuntimeError("the idle Ray run ended before it started")
+            time.sleep(0.2)
+        monitor.plain_beside_ray = True
+        try:
+            result = plain_run(run, threads)
+        finally:
+            monitor.plain_beside_ray = False
+            stop.touch()
+        fitting.result()
+    result.mode = "plain+ray"
+    return result
 
 
 def ray_run(run: RunConfig, windows: list[tuple[int, int]]) -> Measurement:
@@ -475,9 +527,9 @@ def machine_info() -> list[str]:
 
 
 def print_table(measurements: list[tuple[int, Measurement]]) -> None:
-    header = (f"{'mode':6} {'rep':>3} {'window':>6} {'steps':>5} {'tokens':>7} {'seconds':>8} "
+    header = (f"{'mode':9} {'rep':>3} {'window':>6} {'steps':>5} {'tokens':>7} {'seconds':>8} "
               f"{'tokens/s':>9} {'loss':>8} {'threads':>7} {'trainer':>7} {'helpers':>7} "
-              f"{'others':>6} {'wall_s':>7}")
+              f"{'others':>6} {'tok/core-s':>10} {'wall_s':>7}")
     print(header)
     print("-" * len(header))
     for rep, measurement in measurements:
@@ -486,15 +538,18 @@ def print_table(measurements: list[tuple[int, Measurement]]) -> None:
             last = index == len(measurement.windows)
             cpu = measurement.cpu if last else {}
             cores = [f"{cpu[group]:.2f}" if group in cpu else "" for group in CPU_GROUPS]
+            per_core = (f"{window.tokens_per_s / cpu['trainer']:.1f}"
+                        if cpu.get("trainer") else "")
             wall = f"{measurement.wall_s:7.1f}" if last else ""
-            print(f"{measurement.mode:6} {rep:>3} {index:>6} {window.steps:>5} "
+            print(f"{measurement.mode:9} {rep:>3} {index:>6} {window.steps:>5} "
                   f"{window.tokens:>7} {window.seconds:>8.2f} {window.tokens_per_s:>9.1f} "
                   f"{window.loss:>8.4f} {threads:>7} {cores[0]:>7} {cores[1]:>7} "
-                  f"{cores[2]:>6} {wall:>7}")
+                  f"{cores[2]:>6} {per_core:>10} {wall:>7}")
 
 
 def summarize(measurements: list[tuple[int, Measurement]], quiet_limit: float) -> None:
-    """Ray/plain of the compared window per repeat, and medians over all and over quiet ones."""
+    """X/plain of the compared window per repeat, and medians over all and over quiet repeats
+    (those where other processes kept fewer than `quiet_limit` cores busy in every mode)."""
     pairs: dict[int, dict[str, Measurement]] = {}
     for rep, measurement in measurements:
         pairs.setdefault(rep, {})[measurement.mode] = measurement
@@ -505,20 +560,25 @@ def summarize(measurements: list[tuple[int, Measurement]], quiet_limit: float) -
     def quiet(pair: dict[str, Measurement]) -> bool:
         return all(m.cpu.get("others", math.inf) < quiet_limit for m in pair.values())
 
-    print("ray/plain per repeat (window 2): " + ", ".join(
-        f"{rate(pair['ray']) / rate(pair['plain']):.1%}" + ("" if quiet(pair) else " (busy)")
-        for pair in pairs.values()))
+    quiet_pairs = [pair for pair in pairs.values() if quiet(pair)]
+    modes = [mode for mode in next(iter(pairs.values())) if mode != "plain"]
+    for mode in modes:
+        print(f"{mode}/plain per repeat (window 2): " + ", ".join(
+            f"{rate(pair[mode]) / rate(pair['plain']):.1%}" + ("" if quiet(pair) else " (busy)")
+            for pair in pairs.values()))
     for label, chosen in (("all repeats", list(pairs.values())),
-                          (f"quiet repeats (others < {quiet_limit} cores on both sides)",
-                           [pair for pair in pairs.values() if quiet(pair)])):
+                          (f"quiet repeats (others < {quiet_limit} cores in every mode)",
+                           quiet_pairs)):
         if not chosen:
             print(f"{label}: none")
             continue
-        ray_rate = statistics.median(rate(pair["ray"]) for pair in chosen)
-        plain_rate = statistics.median(rate(pair["plain"]) for pair in chosen)
-        print(f"{label}, median of window 2: ray {ray_rate:.1f} tokens/s, plain "
-              f"{plain_rate:.1f} tokens/s, ray/plain = {ray_rate / plain_rate:.1%} "
-              f"(target >= 95%)")
+        medians = {mode: statistics.median(rate(pair[mode]) for pair in chosen)
+                   for mode in ["plain", *modes]}
+        print(f"{label}, median tokens/s of window 2: " + ", ".join(
+            f"{mode} {value:.1f}" for mode, value in medians.items()))
+        for mode in modes:
+            print(f"    {mode}/plain = {medians[mode] / medians['plain']:.1%}"
+                  + ("  (target >= 95%)" if mode == "ray" else ""))
 
 
 def print_helpers(ray_runs: list[Measurement]) -> None:
@@ -563,6 +623,12 @@ def main() -> None:
                         help="cache of models and data (default: a temporary folder)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment variable for the Ray workers (experiment)")
+    parser.add_argument("--system-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment variable for Ray's own processes, set while "
+                        "Ray starts (experiment)")
+    parser.add_argument("--plain-beside-ray", action="store_true",
+                        help="also run the plain loop while Ray is up with an idle 1-worker "
+                        "Train run: Ray's background cost alone (diagnosis)")
     parser.add_argument("--quiet-limit", type=float, default=0.25,
                         help="cores that other processes may use in a 'quiet' measurement")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
@@ -575,72 +641,92 @@ def main() -> None:
 
     from amid_ray import cluster
 
-    extra_env = parse_env(args.worker_env)
-    worker_env = {**cluster.WORKER_ENV, **extra_env}
+    extra_env, system_env = parse_env(args.worker_env), parse_env(args.system_env)
+    experiment = bool(extra_env or system_env)
 
-    def start_ray() -> None:
+    def start_ray(with_experiment: bool) -> None:
         saved = cluster.WORKER_ENV
-        cluster.WORKER_ENV = worker_env  # connect() reads it when called
+        extra = system_env if with_experiment else {}
+        saved_environ = {key: os.environ.get(key) for key in extra}
+        if with_experiment:
+            cluster.WORKER_ENV = {**saved, **extra_env}  # connect() reads it when called
+        os.environ.update(extra)  # Ray's own processes inherit this process's environment
         try:
             cluster.connect(num_cpus=os.cpu_count(), quiet=True)
         finally:
             cluster.WORKER_ENV = saved
+            for key, value in saved_environ.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     measurements: list[tuple[int, Measurement]] = []
+    probes: dict[str, dict[str, Any]] = {}  # what a Ray worker sees, per Ray mode
     with tempfile.TemporaryDirectory(prefix="amid-throughput-") as scratch, \
             CpuMonitor() as monitor:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         world = build_world(workdir, args)
         storage = Path(scratch) / "ray_storage"
-        probe: dict[str, Any] = {}
 
-        def ray_side(run: RunConfig, windows: list[tuple[int, int]]) -> Measurement:
-            start_ray()
+        def plain_threads() -> int:
+            return args.plain_threads or probes["ray"]["torch_threads"]
+
+        def measure(mode: str, rep: int) -> Measurement:
+            # Every Ray run has its own name: the same name would resume the earlier run.
+            run = run_config(world, args, storage, f"throughput-{rep}-{mode.replace('+', '-')}")
+            if mode == "plain":
+                return plain_run(run, plain_threads())
+            start_ray(with_experiment=mode == "ray+env")
             try:
-                if not probe:  # the first Ray session also learns the worker's threads
-                    probe.update(probe_worker(run, Path(scratch) / "probe.json"))
+                if mode == "plain+ray":
+                    return plain_beside_idle_ray(run, plain_threads(), monitor, Path(scratch))
+                if mode not in probes:  # a Ray mode's first session learns the worker's setup
+                    probes[mode] = probe_worker(run, Path(scratch) / f"probe-{mode}.json")
                 result = ray_run(run, windows)
+                result.mode, result.threads = mode, probes[mode]["torch_threads"]
+                return result
             finally:
                 ray.shutdown()
                 monitor.wait_for_no_children()  # no Ray process left for the plain loop
-            result.threads = probe["torch_threads"]
-            return result
 
-        # Each repeat has a Ray run and a plain run, in alternating order, so that slow drifts
-        # in the machine's speed hit both sides alike; the very first is a Ray run (the probe).
+        # Each repeat measures every mode, in alternating order, so that slow drifts in the
+        # machine's speed hit all alike; the very first is a Ray run (the probe).
+        modes = ["ray", "plain"] + ["ray+env"] * experiment + ["plain+ray"] * args.plain_beside_ray
         for rep in range(args.repeats):
-            run = run_config(world, args, storage, f"throughput-{rep}")
-            windows = token_windows(run)
-            pair: dict[str, Measurement] = {}
-            for mode in ("ray", "plain") if rep % 2 == 0 else ("plain", "ray"):
+            windows = token_windows(run_config(world, args, storage, "tokens"))
+            results: dict[str, Measurement] = {}
+            for mode in modes if rep % 2 == 0 else modes[::-1]:
                 monitor.wait_until_quiet(args.quiet_limit, args.quiet_wait)
-                if mode == "ray":
-                    pair[mode] = ray_side(run, windows)
-                else:
-                    pair[mode] = plain_run(run, args.plain_threads or probe["torch_threads"])
-            for mode, measurement in pair.items():
-                if measurement.compared is not None:
-                    measurement.cpu = monitor.average(*measurement.compared)
-                    measurement.helpers = monitor.helper_average(*measurement.compared)
-                print(f"[repeat {rep}] {mode}: window 2 "
-                      f"{measurement.windows[-1].tokens_per_s:.1f} tokens/s, cores "
-                      + ", ".join(f"{k}={v:.2f}" for k, v in measurement.cpu.items()),
+                result = results[mode] = measure(mode, rep)
+                if result.compared is not None:
+                    result.cpu = monitor.average(*result.compared)
+                    result.helpers = monitor.helper_average(*result.compared)
+                print(f"[repeat {rep}] {mode}: window 2 {result.windows[-1].tokens_per_s:.1f} "
+                      "tokens/s, cores "
+                      + ", ".join(f"{k}={v:.2f}" for k, v in result.cpu.items())
+                      + "".join(f"; {label} {busy:.3f}" for label, busy in sorted(
+                          result.helpers.items(), key=lambda item: -item[1])[:5]),
                       file=sys.stderr, flush=True)
-            check_same(pair["plain"], pair["ray"])
-            measurements += [(rep, pair["ray"]), (rep, pair["plain"])]
-        plain_threads = args.plain_threads or probe["torch_threads"]
+            for mode in modes:
+                if mode != "plain":
+                    check_same(results["plain"], results[mode])
+            measurements += [(rep, results[mode]) for mode in modes]
 
     print()
     print(f"distillation step throughput: 1 Ray Train worker vs plain PyTorch "
           f"({args.repeats} repeats)")
     for line in machine_info():
         print(line)
-    print(f"Ray worker ({args.cpus_per_worker} CPUs reserved): " + ", ".join(
-        f"{key}={value}" for key, value in probe.items()))
-    if extra_env:
-        print(f"extra worker env: {extra_env}")
-    print(f"plain loop: torch.set_num_threads({plain_threads})")
+    for mode, probe in probes.items():
+        print(f"{mode} worker ({args.cpus_per_worker} CPUs reserved): " + ", ".join(
+            f"{key}={value}" for key, value in probe.items()))
+    if experiment:
+        print(f"ray+env = a Ray run with extra worker env {extra_env} and extra Ray system env "
+              f"{system_env} (experiment); ray = the project's settings")
+    threads = args.plain_threads or probes["ray"]["torch_threads"]
+    print(f"plain loop: torch.set_num_threads({threads}), niceness {os.nice(0)}")
     print(f"teacher {args.teacher_layers}x{args.teacher_width}, student "
           f"{args.student_layers}x{args.student_width}, vocab 50257, batch {args.batch_size} x "
           f"accum {args.grad_accum}, max_length {args.max_length}, {args.steps} steps/window")
@@ -648,12 +734,21 @@ def main() -> None:
     print("cores kept busy during window 2 (sampled every 0.5 s) by: trainer = the training "
           "process; helpers = Ray's")
     print("other processes and the driver; others = processes outside this benchmark (other "
-          "work on a shared machine)")
+          "work on a shared machine);")
+    print("tok/core-s = tokens/s per trainer core: the step's efficiency apart from its CPU share")
+    if args.plain_beside_ray:
+        print("plain+ray = the plain loop while Ray is up with an idle 1-worker Train run (same "
+              "scaling config)")
     print()
     print_table(measurements)
     print()
     summarize(measurements, args.quiet_limit)
     print_helpers([m for _, m in measurements if m.mode == "ray"])
+    probe = probes["ray"]
+    if probe["niceness"] > os.nice(0):
+        print(f"NOTE: the Ray worker runs at niceness {probe['niceness']} (this process and the "
+              f"plain loop: {os.nice(0)}); Ray's own processes and anything else on the machine "
+              "preempt it (Ray's `worker_niceness`, env RAY_worker_niceness)")
     if probe["torch_threads"] < args.cpus_per_worker:
         print(f"NOTE: the Ray worker runs torch with {probe['torch_threads']} threads although "
               f"it reserves {args.cpus_per_worker} CPUs")
