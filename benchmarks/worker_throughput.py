@@ -694,8 +694,8 @@ def main() -> None:
         # Each repeat measures every mode, in alternating order, so that slow drifts in the
         # machine's speed hit all alike; the very first is a Ray run (the probe).
         modes = ["ray", "plain"] + ["ray+env"] * experiment + ["plain+ray"] * args.plain_beside_ray
+        windows = token_windows(run_config(world, args, storage, "tokens"))  # same every repeat
         for rep in range(args.repeats):
-            windows = token_windows(run_config(world, args, storage, "tokens"))
             results: dict[str, Measurement] = {}
             for mode in modes if rep % 2 == 0 else modes[::-1]:
                 monitor.wait_until_quiet(args.quiet_limit, args.quiet_wait)

