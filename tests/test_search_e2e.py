@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -59,7 +60,10 @@ def search_file(world, storage: Path, name: str, **search) -> dict:
 
 def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, local_ray,
                                                                  tmp_path):
-    run = config_from_dict(search_file(tiny_world, tmp_path, "demo-search"), "test")
+    # One trial at a time, so the order trials reach each ASHA rung is known and the stops
+    # can be predicted from the recorded curves (with two at once it is a race).
+    run = config_from_dict(search_file(tiny_world, tmp_path, "demo-search", max_concurrent=1),
+                           "test")
     outcome = run_search(run)
     records = outcome.records
     assert len(records) == 4
@@ -89,7 +93,36 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
         if "amid.alpha" in record.params:
             assert float(child["params"]["alpha"]) == pytest.approx(record.params["amid.alpha"])
     assert tracked["parent"]["status"] == "FINISHED"
-    assert any(r.status == "stopped early" for r in records), "ASHA stopped no trial"
+    curves = [[v for _, v in children[r.trial_id]["metrics"]["val_loss"]] for r in records]
+    print("val_loss per round, in trial order:", curves)
+    expected = asha_stops(curves, grace=1, factor=2, max_rounds=3)
+    assert [r.status == "stopped early" for r in records] == expected
+    assert any(expected), "the recorded curves give ASHA nothing to stop"
+
+
+def asha_stops(curves: list[list[float]], grace: int, factor: int, max_rounds: int) -> list[bool]:
+    """Which of these trials, run one after another, asynchronous successive halving stops
+    (metric minimised): at rounds grace·factor^k below max_rounds, a trial stops when its value
+    is worse than the best 1/factor quantile of what earlier trials recorded at that round."""
+    rungs = {}
+    rung = grace
+    while rung < max_rounds:
+        rungs[rung] = []
+        rung *= factor
+    stops = []
+    for curve in curves:
+        stopped = False
+        for rung, recorded in rungs.items():
+            if len(curve) < rung:
+                break
+            value = curve[rung - 1]
+            if recorded and value > float(np.percentile(recorded, 100 / factor)):
+                stopped = True
+            recorded.append(value)
+            if stopped:
+                break
+        stops.append(stopped)
+    return stops
 
 
 def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, tmp_path):
