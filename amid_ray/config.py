@@ -41,6 +41,10 @@ class ConfigError(ValueError):
         self.source, self.key, self.value, self.allowed = source, key, value, allowed
         super().__init__(f"{source}: {key} = {value!r}: {allowed}")
 
+    def __reduce__(self):
+        # Raised inside Ray workers, it must survive pickling back to the driver.
+        return type(self), (self.source, self.key, self.value, self.allowed)
+
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -92,7 +96,8 @@ class DataConfig:
     max_length: int = _help("tokens per sequence (prompt + response + EOS)", 512)
     max_prompt_length: int = _help("prompt tokens kept (truncated from the left)", 256)
     lm_corpus: str | None = _help(
-        "optional plain-text file for an extra language-modelling loss (one document per line)",
+        "plain text for the language-modelling loss (train.lm_weight): a .txt file (documents "
+        "separated by blank lines), .jsonl/.json rows or a datasets folder with a 'text' field",
         None,
     )
 
@@ -182,6 +187,10 @@ class AMiDConfig:
                 if f.name != "preset"}
 
 
+#: How the SGO replay ratio moves over a run (see `amid_ray.sgo.AdaptiveSGOScheduler`).
+REPLAY_SCHEDULES = ("constant", "increasing", "decreasing")
+
+
 @dataclass
 class SGOConfig:
     enabled: bool = _help("train partly on student-generated outputs (DistiLLM's scheme)", False)
@@ -189,6 +198,10 @@ class SGOConfig:
     loss_eps: float = _help("raise the threshold when dev loss exceeds the reference by this", 0.1)
     replay_capacity: int = _help("replay buffer size (sequences)", 1000)
     replay_ratio: float = _help("probability of replaying instead of generating", 0.5)
+    replay_schedule: str = _help(
+        "replay ratio over the run: constant, increasing (0 → replay_ratio) or decreasing "
+        "(replay_ratio → 0)", "constant",
+    )
     max_new_tokens: int = _help("new tokens per student-generated answer", 256)
 
     def check(self, where: _Where) -> None:
@@ -196,6 +209,7 @@ class SGOConfig:
         where.at_least("loss_eps", self.loss_eps, 0.0)
         where.at_least("replay_capacity", self.replay_capacity, 1)
         where.in_unit_interval("replay_ratio", self.replay_ratio)
+        where.one_of("replay_schedule", self.replay_schedule, REPLAY_SCHEDULES)
         where.at_least("max_new_tokens", self.max_new_tokens, 1)
 
 
@@ -379,7 +393,19 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
         key: _build_section(cls, raw.get(key), _Where(source, key))
         for key, cls in SECTIONS.items()
     }
+    _check_lm_loss(sections["data"], sections["train"], source)
     return RunConfig(name=name, search=search, source=source, **sections)
+
+
+def _check_lm_loss(data: DataConfig, train: TrainConfig, source: str) -> None:
+    # Either half alone is a silent no-op (or a crash in the workers); say so before Ray starts.
+    if train.lm_weight > 0 and data.lm_corpus is None:
+        raise ConfigError(source, "train.lm_weight", train.lm_weight,
+                          "a language-modelling loss needs data.lm_corpus (a plain-text corpus)")
+    if train.lm_weight == 0 and data.lm_corpus is not None:
+        raise ConfigError(source, "data.lm_corpus", data.lm_corpus,
+                          "is unused while train.lm_weight is 0; set train.lm_weight > 0 (the "
+                          "paper's scripts use 1.0) or remove data.lm_corpus")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> None:

@@ -56,9 +56,14 @@ class DataError(ValueError):
     """A data file that cannot be read as instruction data; says where and what was expected."""
 
     def __init__(self, file: str, location: str, field: str | None, problem: str) -> None:
+        self._parts = (file, location, field, problem)
         where = f"{file}: {location}" if location else file
         what = f"field '{field}': {problem}" if field else problem
         super().__init__(f"{where}: {what}")
+
+    def __reduce__(self):
+        # Raised inside Ray workers, it must survive pickling back to the driver.
+        return type(self), self._parts
 
 
 def build_prompt(instruction: str, input: str = "") -> str:
@@ -79,24 +84,28 @@ def load_examples(path: str | Path, *, limit: int | None = None) -> list[Instruc
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     path = Path(path)
-    if path.is_dir():
-        rows = _dataset_rows(path)
-    elif not path.exists():
-        raise DataError(str(path), "", None, "no such file or folder")
-    elif path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    elif path.suffix == ".json":
-        rows = _json_list_rows(path)
-    else:
-        raise DataError(
-            path.name, "", None, "expected a .jsonl or .json file or a datasets save_to_disk folder"
-        )
     examples = []
-    for line, row in rows:
+    for line, row in read_rows(path):
         if limit is not None and len(examples) >= limit:
             break
         examples.append(_parse_row(row, path.name, line))
     return examples
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, row) pairs of a `.jsonl` file, a `.json` list or a `datasets` folder;
+    the location ("line 12", "row 3") is what error messages name."""
+    if path.is_dir():
+        return _dataset_rows(path)
+    if not path.exists():
+        raise DataError(str(path), "", None, "no such file or folder")
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if path.suffix == ".json":
+        return _json_list_rows(path)
+    raise DataError(
+        path.name, "", None, "expected a .jsonl or .json file or a datasets save_to_disk folder"
+    )
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:

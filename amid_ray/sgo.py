@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from amid_ray.config import REPLAY_SCHEDULES
 from amid_ray.data import InstructionExample, encode_example
 from amid_ray.evaluation import GenerationSettings, generate_responses
 
@@ -134,11 +135,14 @@ class AdaptiveSGOScheduler:
     Schedule per `choose` call: draw u ~ U(0, 1) and v ~ U(0, 1) from the seeded generator
     (always both, so the sequence of u does not depend on the buffer). If u >= τ the step uses
     the ground truth. Otherwise it uses student-generated data: "replay" when replay is
-    possible and v < `replay_ratio` (a constant ratio), else "generate". So with a usable
-    buffer P(generate) = τ (1 - replay_ratio) and P(replay) = τ replay_ratio.
+    possible and v < ρ, else "generate". So with a usable buffer P(generate) = τ (1 - ρ) and
+    P(replay) = τ ρ.
 
-    `replay_ratio` is not fixed by the spec; 0.5 splits student steps evenly between fresh and
-    replayed outputs.
+    The replay ratio ρ follows `replay_schedule` over the run's progress t ∈ [0, 1]: "constant"
+    (ρ = `replay_ratio`), "increasing" (ρ = `replay_ratio`·t: fresh answers early, when the
+    buffer holds only the first, weakest student's outputs) or "decreasing"
+    (ρ = `replay_ratio`·(1 - t)). `replay_ratio` is not fixed by the spec; 0.5 splits student
+    steps evenly between fresh and replayed outputs.
     """
 
     def __init__(
@@ -150,26 +154,42 @@ class AdaptiveSGOScheduler:
         step_size: float = 0.1,
         max_threshold: float = 1.0,
         replay_ratio: float = 0.5,
+        replay_schedule: str = "constant",
     ) -> None:
         _check_range("max_threshold", max_threshold, 0.0, 1.0)
         _check_range("init_threshold", init_threshold, 0.0, max_threshold)
         _check_range("loss_eps", loss_eps, 0.0, math.inf)
         _check_range("step_size", step_size, 0.0, 1.0)
         _check_range("replay_ratio", replay_ratio, 0.0, 1.0)
+        if replay_schedule not in REPLAY_SCHEDULES:
+            raise ValueError(f"replay_schedule must be one of {list(REPLAY_SCHEDULES)}, "
+                             f"got {replay_schedule!r}")
         _check_int("seed", seed, 0)
         self.loss_eps = loss_eps
         self.step_size = step_size
         self.max_threshold = max_threshold
         self.replay_ratio = replay_ratio
+        self.replay_schedule = replay_schedule
         self.threshold = float(init_threshold)
         self.reference_loss: float | None = None
         self._rng = random.Random(seed)
 
-    def choose(self, can_replay: bool) -> SGOChoice:
+    def replay_ratio_at(self, progress: float) -> float:
+        """ρ at `progress` (optimizer steps done / all steps, in [0, 1])."""
+        _check_range("progress", progress, 0.0, 1.0)
+        if self.replay_schedule == "increasing":
+            return self.replay_ratio * progress
+        if self.replay_schedule == "decreasing":
+            return self.replay_ratio * (1.0 - progress)
+        return self.replay_ratio
+
+    def choose(self, can_replay: bool, progress: float = 0.0) -> SGOChoice:
         """This step's data source. `can_replay`: the buffer can fill a batch (the trainer passes
-        `len(buffer) >= batch_size`); without it a student step always generates."""
+        `len(buffer) >= batch_size`); without it a student step always generates. `progress`:
+        the run's progress, for the replay-ratio schedule."""
+        ratio = self.replay_ratio_at(progress)
         use_student = self._rng.random() < self.threshold
-        replay = self._rng.random() < self.replay_ratio
+        replay = self._rng.random() < ratio
         if not use_student:
             return "ground_truth"
         return "replay" if can_replay and replay else "generate"

@@ -46,7 +46,8 @@ PARENT_RUN_FILE = "mlflow_parent_run.json"
 
 #: Trial metrics logged to the child runs (when present and numeric), against `result["step"]`.
 TRIAL_METRICS = (
-    "rougeL", "val_loss", "train_loss", "distil_loss", "tokens_per_s", "lr", "sgo_threshold",
+    "rougeL", "val_loss", "train_loss", "distil_loss", "lm_loss", "tokens_per_s", "lr",
+    "sgo_threshold",
 )
 
 #: Tag holding the Tune trial id on each child run.

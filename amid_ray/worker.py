@@ -32,11 +32,13 @@ from ray.train import Checkpoint
 from amid_ray.config import RunConfig, config_from_dict
 from amid_ray.data import (
     IGNORE_INDEX,
+    DataError,
     InstructionExample,
     TrainingCollator,
     encode_example,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
+from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import amid_loss
 from amid_ray.models import freeze_teacher, save_model
 from amid_ray.sgo import AdaptiveSGOScheduler, ReplayBuffer, generate_student_batch
@@ -46,6 +48,8 @@ TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
 #: The run's metric history up to a checkpoint, readable without loading optimizer state.
 HISTORY_FILE = "history.json"
+#: Offset of the corpus blocks' shuffling seed from the instruction data's.
+LM_SEED_OFFSET = 7919
 
 
 # --------------------------------------------------------------------------- batches
@@ -145,6 +149,35 @@ def distillation_losses(
     else:
         ce = distil.new_zeros(())
     return StepLosses(total=(1.0 - ratio) * ce + ratio * distil, distil=distil, ce=ce)
+
+
+def language_modelling_loss(
+    student: torch.nn.Module, block: torch.Tensor, *, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Next-token cross-entropy of the student on `[batch, block_size]` corpus tokens."""
+    # Targets shifted instead of logits: no copy of the [batch, length, vocab] tensor.
+    targets = torch.full_like(block, IGNORE_INDEX)
+    targets[:, :-1] = block[:, 1:]
+    with torch.autocast(block.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        logits = student(input_ids=block).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def corpus_blocks(run: RunConfig, tokenizer, world_size: int) -> torch.Tensor | None:
+    """The LM corpus cut into `max_length` blocks, as many as the run consumes (or fewer,
+    reused epoch after epoch); None without an LM loss."""
+    if run.train.lm_weight == 0:
+        return None
+    per_step = run.train.grad_accum * run.train.batch_size * world_size
+    blocks = load_lm_blocks(run.data.lm_corpus, tokenizer, run.data.max_length,
+                            max_blocks=run.train.max_steps * per_step)
+    if len(blocks) < run.train.batch_size * world_size:
+        raise DataError(Path(run.data.lm_corpus).name, "", None,
+                        f"{len(blocks)} blocks of {run.data.max_length} tokens cannot fill one "
+                        f"batch of {run.train.batch_size} on each of {world_size} workers")
+    return blocks
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -265,6 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for example in train_examples
     ]
     collate = TrainingCollator(tokenizer.pad_token_id)
+    lm_blocks = corpus_blocks(run, tokenizer, world_size)
 
     checkpoint = ray.train.get_checkpoint()
     trainer_state: dict[str, Any] | None = None
@@ -279,7 +313,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     sgo = run.sgo
     scheduler = AdaptiveSGOScheduler(sgo.init_threshold, loss_eps=sgo.loss_eps,
-                                     replay_ratio=sgo.replay_ratio, seed=seed + rank)
+                                     replay_ratio=sgo.replay_ratio,
+                                     replay_schedule=sgo.replay_schedule, seed=seed + rank)
     replay = ReplayBuffer(sgo.replay_capacity, seed=seed + rank)
     step, history = 0, []
     if trainer_state is not None:  # resume exactly where the checkpoint left off
@@ -292,10 +327,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batches = micro_batches(len(encoded_train), run.train.batch_size, seed=seed, rank=rank,
                             world_size=world_size)
+    lm_batches = None
+    if lm_blocks is not None:
+        lm_batches = micro_batches(len(lm_blocks), run.train.batch_size,
+                                   seed=seed + LM_SEED_OFFSET, rank=rank, world_size=world_size)
     for _ in range(step * run.train.grad_accum):  # skip what the checkpointed run consumed
         next(batches)
+        if lm_batches is not None:
+            next(lm_batches)
 
-    window = {"loss": 0.0, "distil": 0.0, "tokens": 0, "start": time.perf_counter(), "steps": 0}
+    window = _fresh_window()
     while step < run.train.max_steps:
         factor = learning_rate_factor(step, warmup=run.train.warmup_steps,
                                       total=run.train.max_steps, schedule=run.train.schedule)
@@ -309,6 +350,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 encoded = _student_generated_or_not(
                     encoded, [train_examples[i] for i in indices], bare_student, tokenizer,
                     run, scheduler, replay, seed=seed + 1000 * step + rank,
+                    progress=step / run.train.max_steps,
                 )
             batch = {k: v.to(device) for k, v in collate(encoded).items()}
             losses = distillation_losses(model, teacher, batch, run,
@@ -317,6 +359,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window["loss"] += losses.total.item() / run.train.grad_accum
             window["distil"] += losses.distil.item() / run.train.grad_accum
             window["tokens"] += int(batch["attention_mask"].sum())
+            if lm_batches is not None:
+                # Its own forward/backward pair: the distillation graph is freed first, and DDP
+                # sees one backward per forward.
+                block = lm_blocks[next(lm_batches)].to(device)
+                lm = language_modelling_loss(model, block, autocast_dtype=autocast_dtype)
+                (run.train.lm_weight * lm / run.train.grad_accum).backward()
+                window["loss"] += run.train.lm_weight * lm.item() / run.train.grad_accum
+                window["lm"] += lm.item() / run.train.grad_accum
         if run.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
         optimizer.step()
@@ -332,6 +382,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 / len(encoded_train),
                 "train_loss": window["loss"] / window["steps"],
                 "distil_loss": window["distil"] / window["steps"],
+                **({"lm_loss": window["lm"] / window["steps"]} if lm_batches is not None else {}),
                 "lr": run.train.lr * factor,
                 "tokens_per_s": tokens / elapsed,
                 "sgo_threshold": scheduler.threshold,
@@ -349,8 +400,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history.append(metrics)
             _report(metrics, history, step, bare_student, tokenizer, optimizer, scheduler,
                     replay, rank=rank, device=device)
-            window = {"loss": 0.0, "distil": 0.0, "tokens": 0, "start": time.perf_counter(),
-                      "steps": 0}
+            window = _fresh_window()
+
+
+def _fresh_window() -> dict[str, float]:
+    """Running sums of the steps since the last report."""
+    return {"loss": 0.0, "distil": 0.0, "lm": 0.0, "tokens": 0, "start": time.perf_counter(),
+            "steps": 0}
 
 
 def _gather(value: Any) -> list[Any]:
@@ -384,9 +440,9 @@ def _report(metrics, history, step, student, tokenizer, optimizer, scheduler, re
 
 
 def _student_generated_or_not(encoded, examples, student, tokenizer, run, scheduler, replay, *,
-                              seed: int):
+                              seed: int, progress: float):
     """The SGO choice of one micro-batch: ground truth, fresh student answers, or replay."""
-    choice = scheduler.choose(can_replay=len(replay) >= len(encoded))
+    choice = scheduler.choose(can_replay=len(replay) >= len(encoded), progress=progress)
     if choice == "ground_truth":
         return encoded
     if choice == "replay":

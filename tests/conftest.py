@@ -27,6 +27,7 @@ def instruct_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict[str, str]:
     """Tiny teacher and student GPT-2s (real GPT-2 tokenizer) and small demo-task data."""
+    from amid_ray.data import load_examples
     from amid_ray.demo_tasks import write_demo_splits
     from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
 
@@ -37,8 +38,12 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
     save_model(teacher, tokenizer, root / "teacher")
     save_model(student, tokenizer, root / "student")
     splits = write_demo_splits(root / "data", n_train=64, n_dev=12, n_test=8, seed=0)
+    # A plain-text corpus for the language-modelling loss: one document per training item.
+    corpus = root / "data" / "corpus.txt"
+    corpus.write_text("\n\n".join(e.prompt + e.response
+                                   for e in load_examples(splits["train"])))
     return {"teacher": str(root / "teacher"), "student": str(root / "student"),
-            "train": str(splits["train"]), "dev": str(splits["dev"])}
+            "train": str(splits["train"]), "dev": str(splits["dev"]), "corpus": str(corpus)}
 
 
 @pytest.fixture(scope="module")

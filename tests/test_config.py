@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import optuna
@@ -39,6 +40,7 @@ def test_defaults_are_valid_and_round_trip():
          "must be below max_length (64)"),
         ("trian: {}\n", "trian", "did you mean 'train'?"),
         ("models:\n  student: derive\n", "models.student_layers", "needs a non-empty list"),
+        ("train:\n  lm_weight: 1.0\n", "train.lm_weight", "needs data.lm_corpus"),
     ],
 )
 def test_config_errors_name_file_key_value_and_allowed(tmp_path, text, key, message):
@@ -48,6 +50,15 @@ def test_config_errors_name_file_key_value_and_allowed(tmp_path, text, key, mess
     error = caught.value
     assert error.key == key
     assert str(path) in str(error) and message in str(error)
+
+
+def test_an_lm_corpus_without_a_weight_is_refused(tmp_path):
+    (tmp_path / "owt.txt").write_text("Some text.\n")
+    path = write(tmp_path, "data:\n  lm_corpus: owt.txt\n")
+    with pytest.raises(ConfigError, match="data.lm_corpus.*unused while train.lm_weight is 0"):
+        load_config(path)
+    run = load_config(path, ["train.lm_weight=1.0"])
+    assert run.data.lm_corpus == str(tmp_path / "owt.txt")
 
 
 def test_overrides_and_relative_paths(tmp_path):
@@ -177,3 +188,9 @@ def test_a_named_model_source_is_not_taken_for_a_path():
     assert run.models.teacher == "smollm2"
     with pytest.raises(ConfigError, match="no such file or folder"):
         config_from_dict({"models": {"teacher": "smollm3"}})
+
+
+def test_config_errors_survive_pickling():
+    error = ConfigError("space.yaml", "train.lr", -1, "must be > 0")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is ConfigError and str(copy) == str(error) and copy.key == "train.lr"

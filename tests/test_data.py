@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,10 @@ def test_generation_collator_left_pads():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="empty prompt"):
         GenerationCollator(pad_token_id=9)([[1], []])
+
+
+def test_data_errors_survive_pickling():
+    # Workers raise them on Ray's side; the driver must get the same error back.
+    error = DataError("train.jsonl", "line 3", "output", "missing")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is DataError and str(copy) == str(error)

@@ -156,6 +156,19 @@ def test_choice_frequencies_follow_threshold_and_replay_ratio(seed):
         assert abs(counts[choice] / STEPS - probability) < tolerance(probability), choice
 
 
+@pytest.mark.parametrize(
+    ("schedule", "progress", "ratio"),
+    [("constant", 0.9, 0.4), ("increasing", 0.0, 0.0), ("increasing", 0.5, 0.2),
+     ("increasing", 1.0, 0.4), ("decreasing", 0.0, 0.4), ("decreasing", 0.75, 0.1)],
+)
+def test_replay_ratio_schedule_sets_the_replay_frequency(schedule, progress, ratio):
+    scheduler = AdaptiveSGOScheduler(0.5, replay_ratio=0.4, replay_schedule=schedule, seed=3)
+    assert scheduler.replay_ratio_at(progress) == pytest.approx(ratio)
+    counts = Counter(scheduler.choose(can_replay=True, progress=progress) for _ in range(STEPS))
+    assert abs(counts["replay"] / STEPS - 0.5 * ratio) < tolerance(0.5 * ratio) + 1e-12
+    assert abs(counts["ground_truth"] / STEPS - 0.5) < tolerance(0.5)
+
+
 def test_without_replay_every_student_step_generates():
     scheduler = AdaptiveSGOScheduler(0.3, replay_ratio=1.0, seed=0)
     counts = Counter(scheduler.choose(can_replay=False) for _ in range(STEPS))
@@ -216,6 +229,8 @@ def test_threshold_rises_only_past_reference_plus_eps_and_is_capped():
         ({"step_size": float("nan")}, "step_size must be a finite number in [0.0, 1.0], got nan"),
         ({"replay_ratio": 2}, "replay_ratio must be a finite number in [0.0, 1.0], got 2"),
         ({"seed": -1}, "seed must be an int >= 0, got -1"),
+        ({"replay_schedule": "cyclic"},
+         "replay_schedule must be one of ['constant', 'increasing', 'decreasing'], got 'cyclic'"),
     ],
 )
 def test_scheduler_arguments_validated(arguments, expected):

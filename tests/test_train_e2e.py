@@ -21,13 +21,17 @@ from amid_ray.training import run_training
 pytestmark = pytest.mark.slow
 
 
+LM_WEIGHT = 0.5
+
+
 def tiny_run(world, storage: Path, name: str, **train):
+    """Two workers, AB-divergence AMiD plus a language-modelling loss on a small corpus."""
     return config_from_dict({
         "name": name,
         "models": {"teacher": world["teacher"], "student": world["student"]},
         "data": {"train": world["train"], "dev": world["dev"], "max_length": 96,
-                 "max_prompt_length": 72},
-        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 6, **train},
+                 "max_prompt_length": 72, "lm_corpus": world["corpus"]},
+        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 6, "lm_weight": LM_WEIGHT, **train},
         "amid": {"alpha": -3.0, "lam": 0.1, "divergence": "ab", "order": "pr"},
         "eval": {"every": 3, "num_examples": 4, "max_new_tokens": 8, "batch_size": 4},
         "resources": {"num_workers": 2, "cpus_per_worker": 1, "storage": str(storage),
@@ -41,8 +45,13 @@ def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, loc
     steps = [row["step"] for row in outcome.history]
     assert steps == [3, 6]
     for row in outcome.history:
-        for key in ("train_loss", "distil_loss", "val_loss", "rougeL", "tokens_per_s"):
+        for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "rougeL",
+                    "tokens_per_s"):
             assert math.isfinite(row[key]), (key, row)
+        # The optimised total holds both terms (kd_ratio 1: AMiD + lm_weight·LM).
+        assert row["train_loss"] == pytest.approx(row["distil_loss"]
+                                                  + LM_WEIGHT * row["lm_loss"], rel=1e-9)
+        assert row["lm_loss"] > 1.0  # next-token cross-entropy of a barely trained student
     assert outcome.best_metrics["rougeL"] == max(row["rougeL"] for row in outcome.history)
     model = AutoModelForCausalLM.from_pretrained(outcome.best_checkpoint)
     assert model.config.n_layer == 1
@@ -95,3 +104,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tiny_world, local_ray, t
     assert final["step"] == 12
     assert final["restored_step"] >= 3  # the restarted workers began from a checkpoint
     assert all(math.isfinite(row["rougeL"]) for row in history)
+
+    # It ends where an uninterrupted run ends: same rounds, same losses (model, optimizer,
+    # data position, corpus position and RNG all restored).
+    uninterrupted = run_training(tiny_run(tiny_world, tmp_path, "no-fault", max_steps=12))
+    assert [row["step"] for row in history] == [row["step"] for row in uninterrupted.history]
+    for resumed_row, plain_row in zip(history, uninterrupted.history, strict=True):
+        for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "rougeL"):
+            assert resumed_row[key] == pytest.approx(plain_row[key], rel=1e-6, abs=1e-9), key

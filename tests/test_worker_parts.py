@@ -13,6 +13,7 @@ from amid_ray.data import IGNORE_INDEX
 from amid_ray.losses import amid_token_losses
 from amid_ray.worker import (
     distillation_losses,
+    language_modelling_loss,
     learning_rate_factor,
     micro_batches,
     response_mask,
@@ -82,3 +83,16 @@ def test_distillation_losses_match_a_direct_computation(kd_ratio):
     torch.testing.assert_close(losses.distil, distil, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses.total, (1 - kd_ratio) * ce + kd_ratio * distil,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_language_modelling_loss_is_next_token_cross_entropy():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    student = GPT2LMHeadModel(config).eval()
+    block = torch.randint(0, 50, (3, 9))
+    loss = language_modelling_loss(student, block, autocast_dtype=None)
+    log_probs = torch.log_softmax(student(block).logits.double(), dim=-1)
+    direct = -log_probs[:, :-1].gather(-1, block[:, 1:, None]).mean()
+    torch.testing.assert_close(loss.double(), direct, rtol=1e-5, atol=1e-6)
+    # Hugging Face's own shifted loss agrees.
+    torch.testing.assert_close(loss, student(block, labels=block).loss, rtol=1e-5, atol=1e-6)
