@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 LM_WEIGHT = 0.5
 
 
-def tiny_run(world, storage: Path, name: str, **train):
+def tiny_run(world, storage: Path, name: str, sgo: dict | None = None, **train):
     """Two workers, AB-divergence AMiD plus a language-modelling loss on a small corpus."""
     return config_from_dict({
         "name": name,
@@ -36,12 +36,15 @@ def tiny_run(world, storage: Path, name: str, **train):
         "eval": {"every": 3, "num_examples": 4, "max_new_tokens": 8, "batch_size": 4},
         "resources": {"num_workers": 2, "cpus_per_worker": 1, "storage": str(storage),
                       "keep_checkpoints": 2, "max_failures": 2},
+        "sgo": sgo or {},
     })
 
 
 def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, local_ray,
                                                                  tmp_path):
-    outcome = run_training(tiny_run(tiny_world, tmp_path, "two-workers"))
+    # Most steps on student-generated answers (DistiLLM's scheme), fresh or replayed.
+    sgo = {"enabled": True, "init_threshold": 0.8, "max_new_tokens": 8, "replay_capacity": 16}
+    outcome = run_training(tiny_run(tiny_world, tmp_path, "two-workers", sgo=sgo))
     steps = [row["step"] for row in outcome.history]
     assert steps == [3, 6]
     for row in outcome.history:
@@ -57,6 +60,12 @@ def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, loc
     assert model.config.n_layer == 1
     assert any(Path(outcome.best_checkpoint).glob("*.safetensors"))
     assert (Path(outcome.best_checkpoint) / "tokenizer_config.json").exists()
+    # Each worker generated answers and kept them in its replay buffer (checkpointed per rank).
+    states = [torch.load(path, weights_only=False)
+              for path in Path(outcome.result_dir).glob("*/trainer_state.pt")]
+    last = max(states, key=lambda state: state["step"])
+    assert last["step"] == 6
+    assert [len(buffer["items"]) > 0 for buffer in last["replay"]] == [True, True]
     # The trained student differs from where it started.
     start = AutoModelForCausalLM.from_pretrained(tiny_world["student"])
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)
