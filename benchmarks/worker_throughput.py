@@ -2,7 +2,9 @@
 
 Both sides train the same student against the same teacher on the same batches with the same
 settings. The Ray side is `amid_ray.training.run_training` (the real `train_loop_per_worker`,
-one worker reserving all cores by default); the plain side is the same step as an ordinary
+one worker reserving all cores but one by default: Ray's own processes need a core of their
+own, as on any node sized for its workers; `--cpus-per-worker` with every core shows what
+sharing costs); the plain side is the same step as an ordinary
 PyTorch loop in this process, built from the worker's own pieces (`micro_batches`,
 `distillation_losses`, the AdamW parameter groups, `learning_rate_factor`, clipping, the same
 `.item()` calls per micro-batch), with `torch.set_num_threads` equal to what a probe measures
@@ -614,8 +616,9 @@ def main() -> None:
     parser.add_argument("--student-width", type=int, default=128)
     parser.add_argument("--n-positions", type=int, default=256)
     parser.add_argument("--train-examples", type=int, default=512)
-    parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1,
-                        help="the Ray worker's CPU reservation (default: all cores)")
+    parser.add_argument("--cpus-per-worker", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                        help="the Ray worker's CPU reservation (default: all cores but one, "
+                             "left to Ray's own processes)")
     parser.add_argument("--plain-threads", type=int, default=None,
                         help="torch threads of the plain loop (default: the Ray worker's)")
     parser.add_argument("--repeats", type=int, default=2)
