@@ -43,7 +43,8 @@ def load_lm_blocks(
     wanted = None if max_blocks is None else max_blocks * block_size
     stream: list[int] = []
     for document in _documents(path):
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        # verbose=False: long documents are expected here (they are cut into blocks below).
+        stream.extend(tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"])
         stream.append(tokenizer.eos_token_id)
         if wanted is not None and len(stream) >= wanted:
             break
