@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,11 @@ class TrialRecord:
     best_step: int | None
     steps: int | None
     best_checkpoint: str | None
+    #: Every evaluation round's metrics, from the Train run folder.
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def table_row(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "history"}
 
 
 def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
@@ -217,6 +222,7 @@ def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
             best_step=best.get("step"),
             steps=steps,
             best_checkpoint=outcome.best_checkpoint if outcome else None,
+            history=outcome.history if outcome else [],
         ))
     return records
 
@@ -350,6 +356,8 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     tuner.fit()
 
     records = collect_trials(search_dir, run.train.max_steps)
+    for record in records:
+        tracker.sync_trial(record.trial_id, record.history, record.status)
     best = best_trial(records)
     best_dir = export_best(best, search_dir) if best else None
     best_settings = effective_settings(run, best.params) if best else None
@@ -357,7 +365,7 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     tracker.finish_search(
         best={"trial_id": best.trial_id, "config": best.params, "settings": best_settings,
               "rougeL": best.best_rougeL, "checkpoint": best.best_checkpoint} if best else {},
-        trials_table=[vars(r) for r in records],
+        trials_table=[r.table_row() for r in records],
         optuna_study=study_from_trials(spec, records),
         best_model_dir=best_dir,
         registered_model_name=f"amid-{run.name}",

@@ -50,6 +50,10 @@ TRIAL_METRICS = (
     "sgo_threshold",
 )
 
+#: The child run status of each trial verdict of `amid_ray.search.collect_trials`.
+TRIAL_RUN_STATUS = {"finished": RunStatus.FINISHED, "stopped early": RunStatus.KILLED,
+                    "error": RunStatus.FAILED}
+
 #: Tag holding the Tune trial id on each child run.
 TRIAL_ID_TAG = "trial_id"
 
@@ -308,6 +312,29 @@ class MLflowSearchTracker(Callback):
         return max([*logged, last if last is not None else -1])
 
     # -- the end of the search ------------------------------------------------------------------
+
+    def sync_trial(self, trial_id: str, history: Sequence[Mapping[str, Any]],
+                   trial_status: str) -> None:
+        """Make a child run agree with its trial's Train result folder, the source of truth.
+
+        Train runs ahead of Tune: a trial the scheduler stops can finish one more evaluation
+        round before it dies, a round Tune never relays. Its points are logged here, and the
+        end status corrected if that round was the run's last. `trial_status` is the search's
+        verdict ("finished", "stopped early", "error"; others leave the status alone).
+        """
+        run = self._find_child(trial_id)
+        if run is None:
+            return
+        logged = self._last_logged_steps(run)
+        metrics = [Metric(key, float(row[key]), _now_ms(), int(row["step"]))
+                   for row in history for key in TRIAL_METRICS
+                   if _is_number(row.get(key)) and row["step"] > logged.get(key, -1)]
+        if metrics:
+            self.client.log_batch(run.info.run_id, metrics=metrics)
+        status = TRIAL_RUN_STATUS.get(trial_status)
+        if status is not None and run.info.status != RunStatus.to_string(status):
+            tags = {"stopped_early": str(status == RunStatus.KILLED).lower()}
+            self._end_child(run.info.run_id, status, tags)
 
     def finish_search(self, *, best: Mapping[str, Any], trials_table: list[dict[str, Any]],
                       optuna_study: optuna.Study | None, best_model_dir: Path | None,

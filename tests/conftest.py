@@ -57,3 +57,40 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
+
+
+def _tiny_search(world, storage: Path, name: str, **search) -> dict:
+    return {
+        "name": name,
+        "models": {"teacher": world["teacher"], "student": world["student"]},
+        "data": {"train": world["train"], "dev": world["dev"], "max_length": 96,
+                 "max_prompt_length": 72},
+        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 6},
+        "amid": {"alpha": -3.0, "lam": 0.1, "divergence": "kl", "order": "pr"},
+        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 6, "batch_size": 4},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(storage),
+                      "keep_checkpoints": 1, "max_failures": 1},
+        "search": {
+            "num_samples": 4, "max_concurrent": 2, "seed": 0,
+            # Tiny random models tie at ROUGE-L 0, so rungs compare the (continuous) dev loss.
+            "scheduler": {"type": "asha", "grace_rounds": 1, "reduction_factor": 2,
+                          "metric": "val_loss"},
+            "baselines": ["kd"],
+            "params": {
+                "amid.alpha": {"type": "uniform", "low": -5.0, "high": 3.0},
+                "amid.lam": {"type": "uniform", "low": 0.05, "high": 0.5},
+                "amid.divergence": {"type": "categorical", "values": ["kl", "ab"]},
+                "amid.ab_alpha": {"type": "uniform", "low": 0.1, "high": 0.9,
+                                  "when": {"amid.divergence": "ab"}},
+                "train.lr": {"type": "loguniform", "low": 3e-4, "high": 3e-3},
+            },
+            **search,
+        },
+    }
+
+
+@pytest.fixture
+def search_config():
+    """Builds a small search-space file (as a dict) over `tiny_world`; `**search` overrides
+    fields of its search section."""
+    return _tiny_search

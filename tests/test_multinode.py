@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -53,26 +54,42 @@ def stop_processes_under(folder: str) -> None:
         process.kill()
 
 
+def start_node(fresh_args: Callable[[], list[str]], env: dict[str, str], temp_dir: str,
+               attempts: int = 3) -> None:
+    """`ray start` with freshly chosen ports, retried: a port found free can be taken (by this
+    very cluster's processes) before Ray binds it. A failed attempt's processes are stopped."""
+    for attempt in range(attempts):
+        try:
+            subprocess.run([RAY, "start", *fresh_args(), f"--temp-dir={temp_dir}", *node_ports()],
+                           check=True, env=env, capture_output=True, timeout=120)
+            return
+        except subprocess.CalledProcessError:
+            stop_processes_under(temp_dir)
+            if attempt == attempts - 1:
+                raise
+
+
 @pytest.fixture
 def two_node_cluster():
     # Short paths: Ray's Unix sockets live under the temp folders.
     root = tempfile.mkdtemp(prefix="amidmn-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    port = free_port()
+    gcs = {}
+
+    def head_args() -> list[str]:
+        gcs["address"] = f"127.0.0.1:{free_port()}"
+        return ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs['address'].split(':')[1]}",
+                "--num-cpus=1", f"--resources={{\"{TRIAL_DRIVER_RESOURCE}\": 8}}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}"]
+
+    def second_args() -> list[str]:
+        return [f"--address={gcs['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+
     try:
-        subprocess.run(
-            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=1", f"--resources={{\"{TRIAL_DRIVER_RESOURCE}\": 8}}",
-             f"--temp-dir={root}/head", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", *node_ports()],
-            check=True, env=env, capture_output=True, timeout=120,
-        )
-        subprocess.run(
-            [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=1", f"--temp-dir={root}/second", *node_ports()],
-            check=True, env=env, capture_output=True, timeout=120,
-        )
-        yield f"127.0.0.1:{port}", root
+        start_node(head_args, env, f"{root}/head")
+        start_node(second_args, env, f"{root}/second")
+        yield gcs["address"], root
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -92,6 +109,8 @@ def mlflow_server(tmp_path):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with code {server.returncode} (port {port} taken?)")
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                 break

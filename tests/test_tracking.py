@@ -239,6 +239,32 @@ def test_the_best_checkpoint_is_a_registered_version_aliased_best(finished):
     assert (logged / "config.json").read_text() == (finished.model_dir / "config.json").read_text()
 
 
+def test_sync_trial_logs_rounds_tune_never_relayed_and_corrects_the_end(tmp_path):
+    """A stopped trial's Train run can finish rounds after Tune's last result; the child run
+    is brought in line with the Train history (the hooks driven directly, real SQLite store)."""
+    search_dir = tmp_path / "search"
+    uri = default_tracking_uri(search_dir)
+    tracker = _tracker(uri, search_dir)
+    tracker.setup()
+    rows = [{"step": step, "rougeL": 0.1 * step, "val_loss": 2.0 / step}
+            for step in range(1, MAX_STEPS + 1)]
+    ends = {"ran-on": "finished", "one-more": "stopped early"}
+    for trial_id in ends:
+        trial = SimpleNamespace(trial_id=trial_id, config={"amid.alpha": 1.0}, last_result={})
+        tracker.on_trial_start(0, [], trial)
+        for row in rows[:2]:
+            tracker.on_trial_result(0, [], trial, row)
+        tracker.on_trial_complete(0, [], trial)  # Tune stopped both after step 2: KILLED
+    tracker.sync_trial("ran-on", rows, "finished")  # its Train run reached the last step
+    tracker.sync_trial("one-more", rows[:3], "stopped early")
+    children = {c["trial_id"]: c for c in tracking_summary(uri, search_dir)["children"]}
+    ran_on, one_more = children["ran-on"], children["one-more"]
+    assert ran_on["metrics"]["val_loss"] == [(r["step"], r["val_loss"]) for r in rows]
+    assert (ran_on["status"], ran_on["tags"]["stopped_early"]) == ("FINISHED", "false")
+    assert [step for step, _ in one_more["metrics"]["rougeL"]] == [1, 2, 3]
+    assert (one_more["status"], one_more["tags"]["stopped_early"]) == ("KILLED", "true")
+
+
 def test_study_plots_are_skipped_with_a_note_below_two_trials(tmp_path):
     study = optuna.create_study()
     study.add_trial(create_trial(params={"x": 1.0}, distributions={"x": FloatDistribution(0, 2)},
