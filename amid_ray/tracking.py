@@ -114,6 +114,14 @@ def _result_step(result: Mapping[str, Any]) -> int | None:
     return int(step) if _is_number(step) else None
 
 
+def _unlogged_metrics(result: Mapping[str, Any], step: int,
+                      logged: Mapping[str, int]) -> list[Metric]:
+    """The `TRIAL_METRICS` of one result at `step` that MLflow does not hold yet (`logged`: per
+    metric, the last step already logged)."""
+    return [Metric(key, float(result[key]), _now_ms(), step) for key in TRIAL_METRICS
+            if _is_number(result.get(key)) and step > logged.get(key, -1)]
+
+
 def _plain(data: Any) -> Any:
     """`data` as plain JSON/YAML values (anything else becomes its string)."""
     return json.loads(json.dumps(data, default=str))
@@ -287,8 +295,7 @@ class MLflowSearchTracker(Callback):
             return
         run_id = self.child_run_id(trial)
         logged = self._logged_steps[str(trial.trial_id)]
-        metrics = [Metric(key, float(result[key]), _now_ms(), step) for key in TRIAL_METRICS
-                   if _is_number(result.get(key)) and step > logged.get(key, -1)]
+        metrics = _unlogged_metrics(result, step, logged)
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
             logged.update((metric.key, step) for metric in metrics)
@@ -326,9 +333,8 @@ class MLflowSearchTracker(Callback):
         if run is None:
             return
         logged = self._last_logged_steps(run)
-        metrics = [Metric(key, float(row[key]), _now_ms(), int(row["step"]))
-                   for row in history for key in TRIAL_METRICS
-                   if _is_number(row.get(key)) and row["step"] > logged.get(key, -1)]
+        metrics = [metric for row in history
+                   for metric in _unlogged_metrics(row, int(row["step"]), logged)]
         if metrics:
             self.client.log_batch(run.info.run_id, metrics=metrics)
         status = TRIAL_RUN_STATUS.get(trial_status)

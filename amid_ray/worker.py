@@ -32,7 +32,6 @@ from ray.train import Checkpoint
 from amid_ray.config import RunConfig, config_from_dict
 from amid_ray.data import (
     IGNORE_INDEX,
-    DataError,
     InstructionExample,
     TrainingCollator,
     encode_example,
@@ -56,18 +55,20 @@ LM_SEED_OFFSET = 7919
 
 
 def micro_batches(
-    num_examples: int, batch_size: int, *, seed: int, rank: int, world_size: int
+    num_examples: int, batch_size: int, *, seed: int, rank: int, world_size: int,
+    items: str = "training examples",
 ) -> Iterator[list[int]]:
     """Endless stream of this worker's micro-batches (example indices).
 
     Each epoch is a fresh seeded permutation split evenly across workers (the tail that does not
     fill a batch on every worker is dropped), so the stream is a pure function of its arguments
-    and a resumed run can skip ahead to where it stopped.
+    and a resumed run can skip ahead to where it stopped. `items` names what is batched in the
+    error for too little data.
     """
     per_step = batch_size * world_size
     if num_examples < per_step:
         raise ValueError(
-            f"{num_examples} training examples cannot fill one batch of {batch_size} on each of "
+            f"{num_examples} {items} cannot fill one batch of {batch_size} on each of "
             f"{world_size} workers"
         )
     epoch = 0
@@ -171,13 +172,8 @@ def corpus_blocks(run: RunConfig, tokenizer, world_size: int) -> torch.Tensor | 
     if run.train.lm_weight == 0:
         return None
     per_step = run.train.grad_accum * run.train.batch_size * world_size
-    blocks = load_lm_blocks(run.data.lm_corpus, tokenizer, run.data.max_length,
-                            max_blocks=run.train.max_steps * per_step)
-    if len(blocks) < run.train.batch_size * world_size:
-        raise DataError(Path(run.data.lm_corpus).name, "", None,
-                        f"{len(blocks)} blocks of {run.data.max_length} tokens cannot fill one "
-                        f"batch of {run.train.batch_size} on each of {world_size} workers")
-    return blocks
+    return load_lm_blocks(run.data.lm_corpus, tokenizer, run.data.max_length,
+                          max_blocks=run.train.max_steps * per_step)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -329,8 +325,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             world_size=world_size)
     lm_batches = None
     if lm_blocks is not None:
-        lm_batches = micro_batches(len(lm_blocks), run.train.batch_size,
-                                   seed=seed + LM_SEED_OFFSET, rank=rank, world_size=world_size)
+        lm_batches = micro_batches(
+            len(lm_blocks), run.train.batch_size, seed=seed + LM_SEED_OFFSET, rank=rank,
+            world_size=world_size,
+            items=f"blocks of {run.data.max_length} tokens of {Path(run.data.lm_corpus).name}",
+        )
     for _ in range(step * run.train.grad_accum):  # skip what the checkpointed run consumed
         next(batches)
         if lm_batches is not None:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, search_config, tmp_path):
     config = search_config(tiny_world, tmp_path, "resumed", num_samples=4, max_concurrent=1,
-                         scheduler=None)
+                           scheduler=None)
     config_path = tmp_path / "space.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     search_dir = tmp_path / "resumed"

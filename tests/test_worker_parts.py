@@ -40,6 +40,9 @@ def test_micro_batches_partition_each_epoch_across_workers():
 def test_micro_batches_refuse_too_little_data():
     with pytest.raises(ValueError, match="3 training examples cannot fill one batch of 2 on each"):
         next(micro_batches(3, 2, seed=0, rank=0, world_size=2))
+    with pytest.raises(ValueError, match="3 blocks of 96 tokens of owt.txt cannot fill one"):
+        next(micro_batches(3, 2, seed=0, rank=0, world_size=2,
+                           items="blocks of 96 tokens of owt.txt"))
 
 
 def test_response_mask_marks_positions_predicting_response_tokens():
