@@ -43,6 +43,23 @@ from amid_ray.models import freeze_teacher, save_model
 from amid_ray.sgo import AdaptiveSGOScheduler, ReplayBuffer, generate_student_batch
 from amid_ray.sources import load_models, load_train_dev
 
+#: Names of the metrics a worker reports each evaluation round (what Tune, the search and MLflow
+#: read); spelled here, where they are produced, and imported everywhere else.
+STEP = "step"
+ROUGE_L = "rougeL"
+BEST_ROUGE_L = "best_rougeL"
+VAL_LOSS = "val_loss"
+DEV_CE = "dev_ce"
+TRAIN_LOSS = "train_loss"
+DISTIL_LOSS = "distil_loss"
+LM_LOSS = "lm_loss"
+LEARNING_RATE = "lr"
+TOKENS_PER_S = "tokens_per_s"
+SGO_THRESHOLD = "sgo_threshold"
+#: The metrics worth a curve per trial (numeric, one value per evaluation round).
+CURVE_METRICS = (ROUGE_L, VAL_LOSS, DEV_CE, TRAIN_LOSS, DISTIL_LOSS, LM_LOSS, TOKENS_PER_S,
+                 LEARNING_RATE, SGO_THRESHOLD)
+
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
 #: The run's metric history up to a checkpoint, readable without loading optimizer state.
