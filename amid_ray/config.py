@@ -8,9 +8,9 @@ key, the value and what would be valid, and is raised before Ray starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +19,11 @@ from typing import Any
 
 import yaml
 
-from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, is_degenerate
+from amid_ray.errors import ConfigError
+from amid_ray.losses import PRESETS, AMiDSettings, is_degenerate
+from amid_ray.search_space import SearchSpec, parse_search_section
+
+__all__ = ["ConfigError"]  # re-exported: every caller imports it from here
 
 #: Model/data sources that name the embedded demo world instead of a path.
 DEMO = "demo"
@@ -32,18 +36,6 @@ NAMED_SOURCES = (DEMO, SMOLLM2, "derive")
 def is_local_path(source: str) -> bool:
     """Whether a model or data source is a path on this machine (not a name, not a URI)."""
     return source not in NAMED_SOURCES and "://" not in source
-
-
-class ConfigError(ValueError):
-    """A configuration value that is not allowed; the message says where it came from."""
-
-    def __init__(self, source: str, key: str, value: Any, allowed: str):
-        self.source, self.key, self.value, self.allowed = source, key, value, allowed
-        super().__init__(f"{source}: {key} = {value!r}: {allowed}")
-
-    def __reduce__(self):
-        # Raised inside Ray workers, it must survive pickling back to the driver.
-        return type(self), (self.source, self.key, self.value, self.allowed)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -163,28 +155,24 @@ class AMiDConfig:
     def check(self, where: _Where) -> None:
         if self.preset is not None:
             where.one_of("preset", self.preset, tuple(sorted(PRESETS)))
-            return
-        if not math.isfinite(self.alpha):
-            where.fail("alpha", self.alpha, "must be a finite real number")
-        where.in_unit_interval("lam", self.lam)
-        where.one_of("divergence", self.divergence, DIVERGENCES)
-        where.one_of("order", self.order, ORDERS)
-        if self.divergence == "ab":
-            for key in ("ab_alpha", "ab_beta"):
-                if getattr(self, key) == 0:
-                    where.fail(key, 0, "must be non-zero")
-            if self.ab_alpha + self.ab_beta == 0:
-                where.fail("ab_beta", self.ab_beta, "ab_alpha + ab_beta must be non-zero")
+            # The preset's settings win over the fields: the label stays, the fields say the truth.
+            for key, value in PRESETS[self.preset].as_kwargs().items():
+                setattr(self, key, value)
+        try:
+            self.settings()  # the loss's own rules, in one place
+        except ValueError as error:  # "<argument> must be …": the argument is the field
+            key, _, rule = str(error).partition(" ")
+            if not hasattr(self, key):
+                key, rule = "(settings)", str(error)
+            where.fail(key, getattr(self, key, None), rule)
         if is_degenerate(self.order, self.lam):
             where.fail("lam", self.lam, f"with order {self.order!r} the loss is identically 0 "
                        "(the assistant equals the model it is compared with)")
 
-    def loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `losses.amid_loss` (a preset, or the explicit fields)."""
-        if self.preset is not None:
-            return PRESETS[self.preset].as_kwargs()
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "preset"}
+    def settings(self) -> AMiDSettings:
+        """The loss settings these fields describe (a preset is already resolved into them)."""
+        return AMiDSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                               if f.name != "preset"})
 
 
 #: How the SGO replay ratio moves over a run (see `amid_ray.sgo.AdaptiveSGOScheduler`).
@@ -259,12 +247,17 @@ class RunConfig:
     search: dict[str, Any] | None = _help("the search section of a search-space file", None)
     #: Where the values came from (a file name, or "defaults"), for error messages.
     source: str = field(default="defaults", metadata={"help": "", "internal": True})
+    #: The `search` section, parsed and checked against this run (None without one).
+    search_spec: SearchSpec | None = field(default=None, metadata={"help": "", "internal": True})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-able data (without the internal `source`)."""
-        data = dataclasses.asdict(self)
-        data.pop("source")
-        return data
+        """Plain, YAML/JSON-able data (without the internal fields)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.metadata.get("internal")}
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 SECTIONS: dict[str, type] = {
@@ -394,7 +387,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
         for key, cls in SECTIONS.items()
     }
     _check_lm_loss(sections["data"], sections["train"], source)
-    return RunConfig(name=name, search=search, source=source, **sections)
+    run = RunConfig(name=name, search=search, source=source, **sections)
+    base = run.to_dict()
+    run.search_spec = parse_search_section(
+        search, source, base=base,
+        check_point=lambda point: point_config(base, point, source="search point"),
+    )
+    return run
 
 
 def _check_lm_loss(data: DataConfig, train: TrainConfig, source: str) -> None:
@@ -408,20 +407,49 @@ def _check_lm_loss(data: DataConfig, train: TrainConfig, source: str) -> None:
                           "paper's scripts use 1.0) or remove data.lm_corpus")
 
 
+# --------------------------------------------------------------------------- dotted keys
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, *, source: str) -> None:
+    """Set `section.key` (any depth) in a nested mapping, creating sections as needed."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(source, key, value, f"{part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def flatten_dotted(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys (`{"amid": {"alpha": 1}}` → `amid.alpha`)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten_dotted(value, prefix=f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> None:
     """Apply `section.key=value` overrides in place; values are parsed as YAML scalars."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(source, item, item, "expected section.key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(source, key, text, f"{part!r} is not a section")
-            node = child
-        node[leaf] = yaml.safe_load(text) if text else None
+        set_dotted(raw, key, yaml.safe_load(text) if text else None, source=source)
+
+
+def point_config(base: dict[str, Any], point: dict[str, Any], source: str) -> RunConfig:
+    """The run configuration of one point of a search: the base values (`RunConfig.to_dict()`)
+    with the point's dotted keys applied, validated, without the search section."""
+    raw = copy.deepcopy(base)
+    raw.pop("search", None)
+    for key, value in point.items():
+        set_dotted(raw, key, value, source=source)
+    return config_from_dict(raw, source)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -12,17 +12,21 @@
 Parameter types: categorical, uniform, loguniform, int, grid. A `grid` space (every parameter a
 grid) is swept exhaustively without Optuna; otherwise Optuna's TPE samples it. Settings whose
 loss is identically zero (AMID_SPEC §2) can never be sampled: such spaces are rejected.
+
+This module parses and checks the section; it knows nothing of the run configuration's types:
+`config.config_from_dict` calls `parse_search` and hands it a function that validates one point
+of the space as a whole run, so the spec is parsed once and carried by the `RunConfig`.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from amid_ray.config import ConfigError, RunConfig, config_from_dict
+from amid_ray.errors import ConfigError
 from amid_ray.losses import PRESETS, is_degenerate
 
 PARAM_TYPES = ("categorical", "uniform", "loguniform", "int", "grid")
@@ -88,10 +92,19 @@ class SearchSpec:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_search(run: RunConfig) -> SearchSpec:
-    """Validate `run.search` against the run configuration it modifies."""
-    raw = run.search or {}
-    source = run.source
+#: Validates one point of the space (dotted key → value) as a whole run; raises ConfigError.
+PointCheck = Callable[[dict[str, Any]], Any]
+
+
+def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Mapping[str, Any],
+                 check_point: PointCheck) -> SearchSpec | None:
+    """Validate a `search` section (None: the file has none) against the run it modifies.
+
+    `base` is the run configuration as plain data (`RunConfig.to_dict()`); `check_point` turns a
+    point into a run configuration, raising ConfigError when the point does not make a valid run.
+    """
+    if raw is None:
+        return None
 
     def fail(key: str, value: Any, allowed: str):
         raise ConfigError(source, f"search.{key}", value, allowed)
@@ -115,7 +128,7 @@ def parse_search(run: RunConfig) -> SearchSpec:
         seed=_positive_int(raw, "seed", 0, fail, minimum=0),
         scheduler=_parse_scheduler(raw.get("scheduler", "asha"), fail),
     )
-    _check_against_run(spec, run, fail)
+    _check_against_run(spec, base, check_point, fail)
     return spec
 
 
@@ -199,21 +212,23 @@ def _parse_param(key: str, spec: Any, fail) -> Param:
     return Param(key, kind, low=low, high=high, when=when)
 
 
-def _check_against_run(spec: SearchSpec, run: RunConfig, fail) -> None:
-    """Every point the space can produce must make a valid run; no degenerate loss."""
-    base = run.to_dict()
+def _check_against_run(spec: SearchSpec, base: Mapping[str, Any], check_point: PointCheck,
+                       fail) -> None:
+    """Every value the space can produce must make a valid run; no degenerate loss."""
     params = {p.key: p for p in spec.params}
     if any(p.type == "grid" for p in spec.params) and not spec.is_grid:
         fail("params", sorted(params), "a grid cannot be mixed with sampled parameters")
     if spec.is_grid and any(p.when for p in spec.params):
         fail("params", sorted(params), "conditional ('when') parameters need a sampled space")
     _check_degenerate(spec, base, fail)
+    # Each value at the edge of the space, with the other parameters at a value inside it.
+    inside = {p.key: _representative(p) for p in spec.params}
     for param in spec.params:
-        probe = _representative(param)
-        try:
-            _apply(base, {param.key: probe})
-        except ConfigError as error:
-            fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
+        for probe in _probes(param):
+            try:
+                check_point(inside | {param.key: probe})
+            except ConfigError as error:
+                fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
 
 
 def _check_degenerate(spec: SearchSpec, base: dict, fail) -> None:
@@ -246,65 +261,14 @@ def _representative(param: Param) -> Any:
     return (param.low + param.high) / 2
 
 
-# --------------------------------------------------------------------------- applying points
-
-
-def _apply(base: dict, point: dict[str, Any]) -> RunConfig:
-    raw = copy.deepcopy(base)
-    raw.pop("search", None)
-    for key, value in point.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_from_dict(raw, "search point")
-
-
-def trial_run_config(base: dict, point: dict[str, Any], source: str) -> RunConfig:
-    """The run configuration of one trial: the base values with the trial's point applied."""
-    try:
-        return _apply(base, point)
-    except ConfigError as error:
-        raise ConfigError(source, error.key, error.value, error.allowed) from None
+def _probes(param: Param) -> tuple[Any, ...]:
+    """The values that stand for a parameter's whole range: every listed value, or both ends."""
+    if param.possible_values() is not None:
+        return param.values
+    return (param.low, param.high)
 
 
 # --------------------------------------------------------------------------- sampling
-
-
-class DefineByRun:
-    """Optuna define-by-run space: baselines first, then the (conditional) parameters.
-
-    A callable object rather than a closure so Ray can pickle it with the searcher's state.
-    """
-
-    def __init__(self, spec: SearchSpec):
-        self.spec = spec
-
-    def __call__(self, trial) -> dict[str, Any] | None:
-        if trial.number < len(self.spec.baselines):
-            # Baselines set no sampled parameter: TPE learns nothing false from them.
-            return {PRESET_KEY: self.spec.baselines[trial.number]}
-        chosen: dict[str, Any] = {}
-        for param in self.spec.params:
-            # A parameter whose condition failed is absent, so it fails its dependants too.
-            if any(key not in chosen or chosen[key] != value for key, value in param.when.items()):
-                continue
-            chosen[param.key] = _suggest(trial, param)
-        return None
-
-    def __repr__(self) -> str:
-        return f"DefineByRun({self.spec.keys}, baselines={list(self.spec.baselines)})"
-
-
-def _suggest(trial, param: Param) -> Any:
-    if param.type == "categorical":
-        return trial.suggest_categorical(param.key, list(param.values))
-    if param.type == "uniform":
-        return trial.suggest_float(param.key, param.low, param.high)
-    if param.type == "loguniform":
-        return trial.suggest_float(param.key, param.low, param.high, log=True)
-    return trial.suggest_int(param.key, param.low, param.high)
 
 
 def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
@@ -314,3 +278,22 @@ def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
     for values in itertools.product(*(p.values for p in spec.params)):
         points.append(dict(zip(keys, values, strict=True)))
     return points
+
+
+# TEMP (lead): old entry points kept while search.py is being split; removed right after.
+def parse_search(run) -> SearchSpec:
+    return run.search_spec or SearchSpec(params=())
+
+
+def trial_run_config(base, point, source):
+    from amid_ray.config import point_config
+
+    return point_config(base, point, source)
+
+
+def __getattr__(name):
+    if name == "DefineByRun":
+        from amid_ray.sampling import DefineByRun
+
+        return DefineByRun
+    raise AttributeError(name)

@@ -1,21 +1,27 @@
 """The Ray Train per-worker loop: batches → teacher/student logits → AMiD loss → step → report.
 
 `train_loop_per_worker(config)` is a plain function of the run configuration (as a dict); Ray
-Train runs one copy per worker. Each worker loads the frozen teacher and the student, trains on
-its shard of the data with DDP, and every `eval.every` steps runs an evaluation round (dev loss
-and ROUGE-L of dev generations, generation sharded across workers) and reports the metrics, with
-a checkpoint from rank 0, through `ray.train.report`.
+Train runs one copy per worker. It reads in three parts, as torchtune's recipes do:
+
+- `DistillationWorker.__init__` (setup): the frozen teacher, the student under DDP, the data
+  streams, the optimizer, the objective, and the state a checkpoint restores;
+- `_optimizer_step`: one optimizer step over `train.grad_accum` micro-batches (gradients
+  all-reduced once, on the step's last backward pass);
+- `_evaluation_round` + `_report`: every `eval.every` steps, dev loss, dev cross-entropy and
+  ROUGE-L of dev generations (generation split across workers), reported with a rank-0
+  checkpoint through `ray.train.report`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from amid_ray.data import (
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
 from amid_ray.lm_corpus import load_lm_blocks
-from amid_ray.losses import amid_loss
+from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.models import freeze_teacher, save_model
 from amid_ray.sgo import AdaptiveSGOScheduler, ReplayBuffer, generate_student_batch
 from amid_ray.sources import load_models, load_train_dev
@@ -134,6 +140,19 @@ def _optimizer(student: torch.nn.Module, lr: float, weight_decay: float) -> torc
 # --------------------------------------------------------------------------- the loss
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A run's distillation objective, built once per worker:
+    `(1 - kd_ratio)·CE + kd_ratio·AMiD(settings)` on the response tokens."""
+
+    settings: AMiDSettings
+    kd_ratio: float = 1.0
+
+    @classmethod
+    def of(cls, run: RunConfig) -> Objective:
+        return cls(run.amid.settings(), run.train.kd_ratio)
+
+
 @dataclass
 class StepLosses:
     total: torch.Tensor
@@ -145,11 +164,13 @@ def distillation_losses(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    run: RunConfig,
+    objective: Objective,
     *,
     autocast_dtype: torch.dtype | None,
+    with_ce: bool = False,
 ) -> StepLosses:
-    """(1 - kd_ratio)·CE + kd_ratio·AMiD on the response tokens of one batch."""
+    """The objective on the response tokens of one batch. The cross-entropy is computed when
+    the objective needs it or `with_ce` asks for it (else it is 0)."""
     mask, targets = response_mask(batch["labels"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     device_type = batch["input_ids"].device.type
@@ -158,9 +179,9 @@ def distillation_losses(
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
         student_logits = student(**inputs).logits
-    distil = amid_loss(student_logits, teacher_logits, mask, **run.amid.loss_kwargs())
-    ratio = run.train.kd_ratio
-    if ratio < 1.0:
+    distil = amid_loss(student_logits, teacher_logits, mask, **objective.settings.as_kwargs())
+    ratio = objective.kd_ratio
+    if ratio < 1.0 or with_ce:
         rows = mask.reshape(-1).nonzero().squeeze(1)
         flat = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, rows)
         ce = F.cross_entropy(flat.float(), targets.reshape(-1).index_select(0, rows))
@@ -203,23 +224,25 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def evaluation_round(
+def dev_losses(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     tokenizer,
     dev_examples: list[InstructionExample],
     run: RunConfig,
+    objective: Objective,
     *,
     rank: int,
     world_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    """Dev loss (AMiD, token mean) and ROUGE-L of generated answers on the first
-    `eval.num_examples` dev items, split across workers."""
+    """Token means over this round's dev items (split across workers) of the AMiD loss
+    (`val_loss`) and of the student's next-token cross-entropy on the reference answers
+    (`dev_ce`, what adaptive SGO watches)."""
     mine = dev_examples[: run.eval.num_examples][rank::world_size]
     collate = TrainingCollator(tokenizer.pad_token_id)
-    loss_sum, tokens = 0.0, 0.0
+    distil_sum, ce_sum, tokens = 0.0, 0.0, 0.0
     was_training = student.training
     student.eval()
     with torch.no_grad():
@@ -230,16 +253,31 @@ def evaluation_round(
                 for example in mine[start : start + run.train.batch_size]
             ]
             batch = {k: v.to(device) for k, v in collate(encoded).items()}
-            losses = distillation_losses(student, teacher, batch, run,
-                                         autocast_dtype=autocast_dtype)
+            losses = distillation_losses(student, teacher, batch, objective,
+                                         autocast_dtype=autocast_dtype, with_ce=True)
             count = float(response_mask(batch["labels"])[0].sum())
-            loss_sum += losses.distil.item() * count
+            distil_sum += losses.distil.item() * count
+            ce_sum += losses.ce.item() * count
             tokens += count
     student.train(was_training)
+    distil_sum, ce_sum, tokens = _all_reduce_sum([distil_sum, ce_sum, tokens], device)
+    return {VAL_LOSS: distil_sum / max(tokens, 1.0), DEV_CE: ce_sum / max(tokens, 1.0)}
 
-    generated = mine
+
+def dev_rouge_l(
+    student: torch.nn.Module,
+    tokenizer,
+    dev_examples: list[InstructionExample],
+    run: RunConfig,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> float:
+    """ROUGE-L of the student's answers to this round's dev prompts (split across workers)."""
+    mine = dev_examples[: run.eval.num_examples][rank::world_size]
     rouge_sum = 0.0
-    if generated:
+    if mine:
         settings = GenerationSettings(
             max_new_tokens=run.eval.max_new_tokens,
             max_prompt_length=run.data.max_prompt_length,
@@ -248,181 +286,54 @@ def evaluation_round(
         if run.eval.greedy:
             settings = settings.as_greedy()
         answers = generate_responses(
-            student, tokenizer, [e.prompt for e in generated], settings,
-            seed=run.eval.seed + rank,
+            student, tokenizer, [e.prompt for e in mine], settings, seed=run.eval.seed + rank,
         )
-        rouge_sum = rouge_l(answers, [e.references for e in generated]) * len(generated)
-    loss_sum, tokens, rouge_sum, items = _all_reduce_sum(
-        [loss_sum, tokens, rouge_sum, float(len(generated))], device
-    )
-    return {"val_loss": loss_sum / max(tokens, 1.0), "rougeL": rouge_sum / max(items, 1.0)}
+        rouge_sum = rouge_l(answers, [e.references for e in mine]) * len(mine)
+    rouge_sum, items = _all_reduce_sum([rouge_sum, float(len(mine))], device)
+    return rouge_sum / max(items, 1.0)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    # Plain lists and tensors only, so the trainer state loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
             "torch": torch.get_rng_state()}
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
 
 
-def _save_checkpoint(folder: Path, student, tokenizer, trainer_state: dict[str, Any]) -> None:
-    save_model(student, tokenizer, folder / MODEL_DIR)
-    torch.save(trainer_state, folder / TRAINER_STATE)
-    (folder / HISTORY_FILE).write_text(json.dumps(trainer_state["history"]))
+@dataclass
+class TrainerState:
+    """Everything a checkpoint restores besides the model: where the run is and how it got there.
 
+    The per-worker parts (SGO scheduler, replay buffer, RNG) are gathered from every rank so
+    rank 0 can checkpoint them all.
+    """
 
-# --------------------------------------------------------------------------- the loop
+    step: int
+    history: list[dict[str, Any]]
+    optimizer: dict[str, Any]
+    sgo_scheduler: list[dict[str, Any]]
+    replay: list[dict[str, Any]]
+    rng: list[dict[str, Any]]
 
+    def save(self, folder: Path, student, tokenizer) -> None:
+        save_model(student, tokenizer, folder / MODEL_DIR)
+        torch.save(vars(self), folder / TRAINER_STATE)
+        (folder / HISTORY_FILE).write_text(json.dumps(self.history))
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` is `RunConfig.to_dict()` with absolute paths."""
-    run = config_from_dict(config, "run config")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if on_gpu else None
-
-    seed = run.train.seed
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-
-    # Per-tensor loading bars from every worker of every trial drown the search's own output.
-    transformers.utils.logging.disable_progress_bar()
-    teacher_dtype = {
-        "auto": torch.bfloat16 if on_gpu else torch.float32,
-        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    }[run.models.teacher_dtype]
-    teacher, student, tokenizer = load_models(run.models)
-    teacher = freeze_teacher(teacher, teacher_dtype).to(device)
-
-    train_examples, dev_examples = load_train_dev(run.data, seed)
-    encoded_train = [
-        encode_example(tokenizer, example, max_length=run.data.max_length,
-                       max_prompt_length=run.data.max_prompt_length)
-        for example in train_examples
-    ]
-    collate = TrainingCollator(tokenizer.pad_token_id)
-    lm_blocks = corpus_blocks(run, tokenizer, world_size)
-
-    checkpoint = ray.train.get_checkpoint()
-    trainer_state: dict[str, Any] | None = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            student = type(student).from_pretrained(Path(folder) / MODEL_DIR)
-            trainer_state = torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
-    student.train()
-    model = ray.train.torch.prepare_model(student)
-    bare_student = model.module if hasattr(model, "module") else model
-    optimizer = _optimizer(model, run.train.lr, run.train.weight_decay)
-
-    sgo = run.sgo
-    scheduler = AdaptiveSGOScheduler(sgo.init_threshold, loss_eps=sgo.loss_eps,
-                                     replay_ratio=sgo.replay_ratio,
-                                     replay_schedule=sgo.replay_schedule, seed=seed + rank)
-    replay = ReplayBuffer(sgo.replay_capacity, seed=seed + rank)
-    step, history = 0, []
-    if trainer_state is not None:  # resume exactly where the checkpoint left off
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["sgo_scheduler"][rank])
-        replay.load_state_dict(trainer_state["replay"][rank])
-        _restore_rng(trainer_state["rng"][rank])
-        step, history = trainer_state["step"], trainer_state["history"]
-    restored_step = step
-
-    batches = micro_batches(len(encoded_train), run.train.batch_size, seed=seed, rank=rank,
-                            world_size=world_size)
-    lm_batches = None
-    if lm_blocks is not None:
-        lm_batches = micro_batches(
-            len(lm_blocks), run.train.batch_size, seed=seed + LM_SEED_OFFSET, rank=rank,
-            world_size=world_size,
-            items=f"blocks of {run.data.max_length} tokens of {Path(run.data.lm_corpus).name}",
-        )
-    for _ in range(step * run.train.grad_accum):  # skip what the checkpointed run consumed
-        next(batches)
-        if lm_batches is not None:
-            next(lm_batches)
-
-    window = _fresh_window()
-    while step < run.train.max_steps:
-        factor = learning_rate_factor(step, warmup=run.train.warmup_steps,
-                                      total=run.train.max_steps, schedule=run.train.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = run.train.lr * factor
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(run.train.grad_accum):
-            indices = next(batches)
-            encoded = [encoded_train[i] for i in indices]
-            if sgo.enabled:
-                encoded = _student_generated_or_not(
-                    encoded, [train_examples[i] for i in indices], bare_student, tokenizer,
-                    run, scheduler, replay, seed=seed + 1000 * step + rank,
-                    progress=step / run.train.max_steps,
-                )
-            batch = {k: v.to(device) for k, v in collate(encoded).items()}
-            losses = distillation_losses(model, teacher, batch, run,
-                                         autocast_dtype=autocast_dtype)
-            (losses.total / run.train.grad_accum).backward()
-            window["loss"] += losses.total.item() / run.train.grad_accum
-            window["distil"] += losses.distil.item() / run.train.grad_accum
-            window["tokens"] += int(batch["attention_mask"].sum())
-            if lm_batches is not None:
-                # Its own forward/backward pair: the distillation graph is freed first, and DDP
-                # sees one backward per forward.
-                block = lm_blocks[next(lm_batches)].to(device)
-                lm = language_modelling_loss(model, block, autocast_dtype=autocast_dtype)
-                (run.train.lm_weight * lm / run.train.grad_accum).backward()
-                window["loss"] += run.train.lm_weight * lm.item() / run.train.grad_accum
-                window["lm"] += lm.item() / run.train.grad_accum
-        if run.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
-        optimizer.step()
-        step += 1
-        window["steps"] += 1
-
-        if step % run.eval.every == 0 or step == run.train.max_steps:
-            elapsed = time.perf_counter() - window["start"]
-            tokens = _all_reduce_sum([float(window["tokens"])], device)[0]
-            metrics = {
-                "step": step,
-                "epoch": step * run.train.grad_accum * run.train.batch_size * world_size
-                / len(encoded_train),
-                "train_loss": window["loss"] / window["steps"],
-                "distil_loss": window["distil"] / window["steps"],
-                **({"lm_loss": window["lm"] / window["steps"]} if lm_batches is not None else {}),
-                "lr": run.train.lr * factor,
-                "tokens_per_s": tokens / elapsed,
-                "sgo_threshold": scheduler.threshold,
-                "restored_step": restored_step,
-                "node_id": ray.get_runtime_context().get_node_id(),
-            }
-            metrics |= evaluation_round(
-                bare_student, teacher, tokenizer, dev_examples, run, rank=rank,
-                world_size=world_size, device=device, autocast_dtype=autocast_dtype,
-            )
-            # The running best is what a search ranks trials by (the kept checkpoint is the best).
-            metrics["best_rougeL"] = max([metrics["rougeL"]] + [h["rougeL"] for h in history])
-            if sgo.enabled:
-                scheduler.observe_eval(metrics["val_loss"])
-            history.append(metrics)
-            _report(metrics, history, step, bare_student, tokenizer, optimizer, scheduler,
-                    replay, rank=rank, device=device)
-            window = _fresh_window()
-
-
-def _fresh_window() -> dict[str, float]:
-    """Running sums of the steps since the last report."""
-    return {"loss": 0.0, "distil": 0.0, "lm": 0.0, "tokens": 0, "start": time.perf_counter(),
-            "steps": 0}
+    @classmethod
+    def load(cls, folder: Path) -> TrainerState:
+        return cls(**torch.load(folder / TRAINER_STATE, weights_only=True))
 
 
 def _gather(value: Any) -> list[Any]:
@@ -433,40 +344,230 @@ def _gather(value: Any) -> list[Any]:
     return [value]
 
 
-def _report(metrics, history, step, student, tokenizer, optimizer, scheduler, replay, *,
-            rank: int, device: torch.device) -> None:
-    # Per-worker states (SGO, replay buffer, RNG) are gathered so rank 0 can checkpoint them all.
-    scheduler_states = _gather(scheduler.state_dict())
-    replay_states = _gather(replay.state_dict())
-    rng_states = _gather(_rng_state())
-    with tempfile.TemporaryDirectory(prefix="amid-ckpt-") as folder:
-        checkpoint = None
-        if rank == 0:
-            trainer_state = {
-                "step": step,
-                "history": history,
-                "optimizer": optimizer.state_dict(),
-                "sgo_scheduler": scheduler_states,
-                "replay": replay_states,
-                "rng": rng_states,
-            }
-            _save_checkpoint(Path(folder), student, tokenizer, trainer_state)
-            checkpoint = Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+# --------------------------------------------------------------------------- the loop
 
 
-def _student_generated_or_not(encoded, examples, student, tokenizer, run, scheduler, replay, *,
-                              seed: int, progress: float):
-    """The SGO choice of one micro-batch: ground truth, fresh student answers, or replay."""
-    choice = scheduler.choose(can_replay=len(replay) >= len(encoded), progress=progress)
-    if choice == "ground_truth":
-        return encoded
-    if choice == "replay":
-        return replay.sample(len(encoded))
-    generated = generate_student_batch(
-        student, tokenizer, examples, max_length=run.data.max_length,
-        max_prompt_length=run.data.max_prompt_length, max_new_tokens=run.sgo.max_new_tokens,
-        seed=seed,
-    )
-    replay.push(generated)
-    return generated
+@dataclass
+class _Window:
+    """Running sums of the optimizer steps since the last report."""
+
+    loss: float = 0.0
+    distil: float = 0.0
+    lm: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` is `RunConfig.to_dict()` with absolute paths."""
+    DistillationWorker(config_from_dict(config, "run config")).train()
+
+
+class DistillationWorker:
+    """One Ray Train worker of a distillation run (see the module docstring)."""
+
+    def __init__(self, run: RunConfig):
+        self.run = run
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        on_gpu = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if on_gpu else None
+        seed = run.train.seed
+        random.seed(seed + self.rank)
+        np.random.seed(seed + self.rank)
+        torch.manual_seed(seed + self.rank)
+
+        # Per-tensor loading bars from every worker of every trial drown the search's output.
+        transformers.utils.logging.disable_progress_bar()
+        teacher_dtype = {
+            "auto": torch.bfloat16 if on_gpu else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+        }[run.models.teacher_dtype]
+        teacher, student, self.tokenizer = load_models(run.models)
+        self.teacher = freeze_teacher(teacher, teacher_dtype).to(self.device)
+        self.objective = Objective.of(run)
+
+        self.train_examples, self.dev_examples = load_train_dev(run.data, seed)
+        self.encoded_train = [
+            encode_example(self.tokenizer, example, max_length=run.data.max_length,
+                           max_prompt_length=run.data.max_prompt_length)
+            for example in self.train_examples
+        ]
+        self.collate = TrainingCollator(self.tokenizer.pad_token_id)
+        self.lm_blocks = corpus_blocks(run, self.tokenizer, self.world_size)
+
+        checkpoint = ray.train.get_checkpoint()
+        restored: TrainerState | None = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                student = type(student).from_pretrained(Path(folder) / MODEL_DIR)
+                restored = TrainerState.load(Path(folder))
+        student.train()
+        self.model = ray.train.torch.prepare_model(student)
+        self.student = self.model.module if hasattr(self.model, "module") else self.model
+        self.optimizer = _optimizer(self.model, run.train.lr, run.train.weight_decay)
+
+        sgo = run.sgo
+        self.sgo_scheduler = AdaptiveSGOScheduler(
+            sgo.init_threshold, loss_eps=sgo.loss_eps, replay_schedule=sgo.replay_schedule,
+            seed=seed + self.rank)
+        self.replay = ReplayBuffer(sgo.replay_capacity, seed=seed + self.rank)
+        self.step, self.history = 0, []
+        if restored is not None:  # resume exactly where the checkpoint left off
+            self.optimizer.load_state_dict(restored.optimizer)
+            self.sgo_scheduler.load_state_dict(restored.sgo_scheduler[self.rank])
+            self.replay.load_state_dict(restored.replay[self.rank])
+            _restore_rng(restored.rng[self.rank])
+            self.step, self.history = restored.step, restored.history
+        self.restored_step = self.step
+        self._open_streams()
+
+    def _open_streams(self) -> None:
+        """The data streams, advanced past what the checkpointed run consumed."""
+        run = self.run
+        self.batches = micro_batches(len(self.encoded_train), run.train.batch_size,
+                                     seed=run.train.seed, rank=self.rank,
+                                     world_size=self.world_size)
+        self.lm_batches = None
+        if self.lm_blocks is not None:
+            self.lm_batches = micro_batches(
+                len(self.lm_blocks), run.train.batch_size, seed=run.train.seed + LM_SEED_OFFSET,
+                rank=self.rank, world_size=self.world_size,
+                items=f"blocks of {run.data.max_length} tokens of "
+                      f"{Path(run.data.lm_corpus).name}",
+            )
+        for _ in range(self.step * run.train.grad_accum):
+            next(self.batches)
+            if self.lm_batches is not None:
+                next(self.lm_batches)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        run = self.run
+        if run.sgo.enabled and self.step == 0:
+            # Adaptive SGO's reference: the dev cross-entropy before the first step.
+            self.sgo_scheduler.observe_eval(self._dev_losses()[DEV_CE])
+        window = _Window()
+        while self.step < run.train.max_steps:
+            self._optimizer_step(window)
+            if self.step % run.eval.every == 0 or self.step == run.train.max_steps:
+                self._report(self._evaluation_round(window))
+                window = _Window()
+
+    def _sync_gradients(self, on: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces on the step's last backward pass only (as nanoGPT does)."""
+        if on or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def _optimizer_step(self, window: _Window) -> None:
+        run, accum = self.run, self.run.train.grad_accum
+        self.lr = run.train.lr * learning_rate_factor(
+            self.step, warmup=run.train.warmup_steps, total=run.train.max_steps,
+            schedule=run.train.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            last = micro == accum - 1
+            batch = self._next_batch()
+            with self._sync_gradients(last and self.lm_batches is None):
+                losses = distillation_losses(self.model, self.teacher, batch, self.objective,
+                                             autocast_dtype=self.autocast_dtype)
+                (losses.total / accum).backward()
+            window.loss += losses.total.item() / accum
+            window.distil += losses.distil.item() / accum
+            window.tokens += int(batch["attention_mask"].sum())
+            if self.lm_batches is not None:
+                # Its own forward/backward pair: the distillation graph is freed first, and DDP
+                # sees one backward per forward.
+                block = self.lm_blocks[next(self.lm_batches)].to(self.device)
+                with self._sync_gradients(last):
+                    lm = language_modelling_loss(self.model, block,
+                                                 autocast_dtype=self.autocast_dtype)
+                    (run.train.lm_weight * lm / accum).backward()
+                window.loss += run.train.lm_weight * lm.item() / accum
+                window.lm += lm.item() / accum
+        if run.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), run.train.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        window.steps += 1
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch: ground truth, or (SGO) fresh or replayed student answers."""
+        indices = next(self.batches)
+        encoded = [self.encoded_train[i] for i in indices]
+        if self.run.sgo.enabled:
+            encoded = self._student_generated_or_not(encoded, indices)
+        return {k: v.to(self.device) for k, v in self.collate(encoded).items()}
+
+    def _student_generated_or_not(self, encoded, indices: list[int]):
+        choice = self.sgo_scheduler.choose(
+            buffer_full=len(self.replay) >= self.replay.capacity,
+            progress=self.step / self.run.train.max_steps)
+        # Replay needs a batch's worth of stored answers; until then the step generates.
+        if choice == "ground_truth":
+            return encoded
+        if choice == "replay" and len(self.replay) >= len(encoded):
+            return self.replay.sample(len(encoded))
+        run = self.run
+        generated = generate_student_batch(
+            self.student, self.tokenizer, [self.train_examples[i] for i in indices],
+            max_length=run.data.max_length, max_prompt_length=run.data.max_prompt_length,
+            max_new_tokens=run.sgo.max_new_tokens,
+            seed=run.train.seed + 1000 * self.step + self.rank,
+        )
+        self.replay.push(generated)
+        return generated
+
+    # -- evaluation and reports --------------------------------------------------------------
+
+    def _dev_losses(self) -> dict[str, float]:
+        return dev_losses(self.student, self.teacher, self.tokenizer, self.dev_examples,
+                          self.run, self.objective, rank=self.rank, world_size=self.world_size,
+                          device=self.device, autocast_dtype=self.autocast_dtype)
+
+    def _evaluation_round(self, window: _Window) -> dict[str, Any]:
+        run = self.run
+        elapsed = time.perf_counter() - window.start
+        tokens = _all_reduce_sum([float(window.tokens)], self.device)[0]
+        metrics = {
+            STEP: self.step,
+            "epoch": self.step * run.train.grad_accum * run.train.batch_size * self.world_size
+            / len(self.encoded_train),
+            TRAIN_LOSS: window.loss / window.steps,
+            DISTIL_LOSS: window.distil / window.steps,
+            **({LM_LOSS: window.lm / window.steps} if self.lm_batches is not None else {}),
+            LEARNING_RATE: self.lr,
+            TOKENS_PER_S: tokens / elapsed,
+            "restored_step": self.restored_step,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+        metrics |= self._dev_losses()
+        metrics[ROUGE_L] = dev_rouge_l(self.student, self.tokenizer, self.dev_examples, run,
+                                       rank=self.rank, world_size=self.world_size,
+                                       device=self.device)
+        # The running best is what a search ranks trials by (the kept checkpoint is the best).
+        metrics[BEST_ROUGE_L] = max([metrics[ROUGE_L]] + [h[ROUGE_L] for h in self.history])
+        if run.sgo.enabled:
+            self.sgo_scheduler.observe_eval(metrics[DEV_CE])
+        metrics[SGO_THRESHOLD] = self.sgo_scheduler.threshold
+        return metrics
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        state = TrainerState(
+            step=self.step, history=self.history, optimizer=self.optimizer.state_dict(),
+            sgo_scheduler=_gather(self.sgo_scheduler.state_dict()),
+            replay=_gather(self.replay.state_dict()), rng=_gather(_rng_state()),
+        )
+        with tempfile.TemporaryDirectory(prefix="amid-ckpt-") as folder:
+            checkpoint = None
+            if self.rank == 0:
+                state.save(Path(folder), self.student, self.tokenizer)
+                checkpoint = Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -8,8 +8,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from amid_ray.config import ConfigError, config_from_dict, load_config
-from amid_ray.search_space import DefineByRun, grid_points, parse_search, trial_run_config
+from amid_ray.config import ConfigError, config_from_dict, load_config, point_config
+from amid_ray.sampling import DefineByRun
+from amid_ray.search_space import grid_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +33,9 @@ def test_defaults_are_valid_and_round_trip():
         ("train:\n  lr: -1\n", "train.lr", "must be > 0"),
         ("train:\n  lr: fast\n", "train.lr", "must be a number"),
         ("train:\n  batch_sise: 4\n", "train.batch_sise", "did you mean 'batch_size'?"),
-        ("amid:\n  order: pq\n", "amid.order", "must be one of ['pr', 'qr', 'rp', 'rq']"),
+        ("amid:\n  order: pq\n", "amid.order", "must be one of ('pr', 'qr', 'rp', 'rq')"),
         ("amid:\n  lam: 1.0\n  order: pr\n", "amid.lam", "identically 0"),
-        ("amid:\n  preset: gkd\n", "amid.preset", "must be one of"),
+        ("amid:\n  preset: fkl\n", "amid.preset", "must be one of"),
         ("data:\n  train: nowhere.jsonl\n", "data.train", "no such file or folder"),
         ("data:\n  max_length: 64\n  max_prompt_length: 64\n", "data.max_prompt_length",
          "must be below max_length (64)"),
@@ -71,12 +72,22 @@ def test_overrides_and_relative_paths(tmp_path):
         load_config(path, ["train.lr"])
 
 
-def test_presets_fill_the_loss_settings():
-    run = config_from_dict({"amid": {"preset": "srkl"}})
-    assert run.amid.loss_kwargs() == {
+def test_presets_are_resolved_into_the_fields_at_parse_time():
+    # The preset wins over the file's own fields; the label stays.
+    run = config_from_dict({"amid": {"preset": "srkl", "alpha": 3.0, "order": "pr"}})
+    assert (run.amid.preset, run.amid.alpha, run.amid.lam, run.amid.order) == (
+        "srkl", -1.0, 0.9, "qr")
+    assert run.amid.settings().as_kwargs() == {
         "alpha": -1.0, "lam": 0.9, "divergence": "kl", "order": "qr", "ab_alpha": 0.2,
         "ab_beta": 0.7, "detach_assistant": False,
     }
+    assert config_from_dict(run.to_dict()).amid == run.amid
+
+
+def test_amid_fields_are_checked_by_the_loss_rules():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"amid": {"divergence": "ab", "ab_alpha": 0.0}}, "f.yaml")
+    assert caught.value.key == "amid.ab_alpha" and "non-zero" in str(caught.value)
 
 
 SPACE = {
@@ -94,7 +105,7 @@ SPACE = {
 
 
 def test_define_by_run_gives_baselines_first_then_conditional_samples():
-    spec = parse_search(config_from_dict({"search": SPACE}))
+    spec = config_from_dict({"search": SPACE}).search_spec
     assert spec.keys.index("amid.divergence") < spec.keys.index("amid.ab_alpha")
     space = DefineByRun(spec)
     study = optuna.create_study(direction="maximize",
@@ -111,7 +122,7 @@ def test_define_by_run_gives_baselines_first_then_conditional_samples():
         assert ("amid.ab_alpha" in point) == (point["amid.divergence"] == "ab")
     assert {p["amid.divergence"] for p in points[2:]} == {"kl", "ab"}
     base = config_from_dict({"search": SPACE}).to_dict()
-    run = trial_run_config(base, points[3], source="trial x")
+    run = point_config(base, points[3], source="trial x")
     assert run.amid.alpha == points[3]["amid.alpha"] and run.search is None
 
 
@@ -129,6 +140,13 @@ def test_define_by_run_gives_baselines_first_then_conditional_samples():
          "search.params.train.lr.low", "must be > 0"),
         ({"amid.order": {"type": "categorical", "values": ["pq"]}}, "search.params.amid.order",
          "does not make a valid run"),
+        # Every value and both ends of every range are checked, not one point.
+        ({"amid.divergence": {"type": "categorical", "values": ["kl", "js"]}},
+         "search.params.amid.divergence", "does not make a valid run"),
+        ({"train.kd_ratio": {"type": "uniform", "low": 0.5, "high": 1.5}},
+         "search.params.train.kd_ratio", "must be in [0, 1]"),
+        ({"train.lr": {"type": "uniform", "low": -0.01, "high": 0.03}},
+         "search.params.train.lr", "must be > 0"),
         ({"amid.ab_beta": {"type": "uniform", "low": 0.1, "high": 0.9,
                            "when": {"amid.divergence": "ab"}}},
          "search.params.amid.ab_beta.when", "must name another searched parameter"),
@@ -139,9 +157,8 @@ def test_define_by_run_gives_baselines_first_then_conditional_samples():
     ],
 )
 def test_search_space_errors(params, key, message):
-    run = config_from_dict({"amid": {"order": "qr"}, "search": {"params": params}}, "space.yaml")
     with pytest.raises(ConfigError) as caught:
-        parse_search(run)
+        config_from_dict({"amid": {"order": "qr"}, "search": {"params": params}}, "space.yaml")
     assert caught.value.key == key and message in str(caught.value)
     assert str(caught.value).startswith("space.yaml: ")
 
@@ -151,7 +168,7 @@ def test_grid_points_cover_the_product_after_the_baselines():
         "amid.alpha": {"type": "grid", "values": [-3.0, 0.0, 0.5]},
         "amid.order": {"type": "grid", "values": ["pr", "rq"]},
     }}})
-    points = grid_points(parse_search(run))
+    points = grid_points(run.search_spec)
     assert points[0] == {"amid.preset": "abkd"}
     assert len(points) == 1 + 6
     assert {(p["amid.alpha"], p["amid.order"]) for p in points[1:]} == {
@@ -166,7 +183,7 @@ def test_shipped_search_spaces_are_valid(name, tiny_world):
         f"data.train={tiny_world['train']}", f"data.dev={tiny_world['dev']}",
     ]
     run = load_config(ROOT / "search_spaces" / f"{name}.yaml", overrides)
-    spec = parse_search(run)
+    spec = run.search_spec
     if name == "paper_gpt2":
         assert spec.is_grid and len(grid_points(spec)) == 5 + 7 * 2 * 4
     if name == "baselines":
@@ -179,7 +196,7 @@ def test_smollm2_cpu_profile_reads_the_shared_data_and_the_pypi_teacher(instruct
     assert run.models.student_layers == list(range(0, 30, 3))
     assert Path(run.data.train) == (instruct_dir / "dolly_dev.jsonl").resolve()
     assert Path(run.data.dev) == (instruct_dir / "dolly_valid.jsonl").resolve()
-    assert parse_search(run).baselines == ("kd", "srkl")
+    assert run.search_spec.baselines == ("kd", "srkl")
 
 
 def test_a_named_model_source_is_not_taken_for_a_path():

@@ -12,6 +12,7 @@ from amid_ray.config import config_from_dict
 from amid_ray.data import IGNORE_INDEX
 from amid_ray.losses import amid_token_losses
 from amid_ray.worker import (
+    Objective,
     distillation_losses,
     language_modelling_loss,
     learning_rate_factor,
@@ -75,7 +76,8 @@ def test_distillation_losses_match_a_direct_computation(kd_ratio):
              "labels": labels}
     run = config_from_dict({"train": {"kd_ratio": kd_ratio},
                             "amid": {"alpha": 0.5, "lam": 0.3, "order": "qr"}})
-    losses = distillation_losses(student, teacher, batch, run, autocast_dtype=None)
+    losses = distillation_losses(student, teacher, batch, Objective.of(run), autocast_dtype=None,
+                                 with_ce=True)
 
     s_logits = student(input_ids).logits[:, :-1]
     t_logits = teacher(input_ids).logits[:, :-1]
@@ -84,6 +86,7 @@ def test_distillation_losses_match_a_direct_computation(kd_ratio):
     distil = amid_token_losses(s_logits, t_logits, alpha=0.5, lam=0.3, order="qr")[mask].mean()
     ce = torch.nn.functional.cross_entropy(s_logits[mask], targets[mask])
     torch.testing.assert_close(losses.distil, distil, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.ce, ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses.total, (1 - kd_ratio) * ce + kd_ratio * distil,
                                rtol=1e-5, atol=1e-6)
 
