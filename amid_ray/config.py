@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,6 +262,9 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+#: Names of runs and searches become folders under the storage: nothing that could leave it.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(RunConfig)
@@ -331,6 +336,8 @@ def _coerce(value: Any, annotation: Any, where: _Where, key: str) -> Any:
                 where.fail(key, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, int | float):
             where.fail(key, value, "must be a number")
+        if not math.isfinite(value):
+            where.fail(key, value, "must be a finite number")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -377,8 +384,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(source, str(key), raw[key], f"unknown section; {hint}known: {top}")
     name = raw.get("name", "amid")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(source, "name", name, "must be a non-empty string without '/'")
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(source, "name", name, "must be a folder name: letters, digits, '.', "
+                          "'_' and '-', starting with a letter or digit")
     search = raw.get("search")
     if search is not None and not isinstance(search, dict):
         raise ConfigError(source, "search", search, "must be a mapping")
@@ -462,16 +470,40 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(path)
         if not path.is_file():
             raise ConfigError(source, "(file)", str(path), "no such configuration file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(source, "(file)", str(path), f"not valid YAML: {error}") from None
+        raw = read_yaml(path)
+        if raw is None:
+            raw = {}
         # Relative paths in the file are relative to the file, not to the current directory.
         _resolve_relative_paths(raw, path.parent)
     if overrides:
         apply_overrides(raw, overrides)
         source = f"{source} with --set"
     return config_from_dict(raw, source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data (safe loader, duplicate keys refused); errors name the file."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), "(file)", str(path), f"not UTF-8 text: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), "(file)", str(path), f"not valid YAML: {error}") from None
 
 
 _PATH_KEYS = {("models", "teacher"), ("models", "student"), ("data", "train"), ("data", "dev"),

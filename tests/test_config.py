@@ -42,6 +42,15 @@ def test_defaults_are_valid_and_round_trip():
         ("trian: {}\n", "trian", "did you mean 'train'?"),
         ("models:\n  student: derive\n", "models.student_layers", "needs a non-empty list"),
         ("train:\n  lm_weight: 1.0\n", "train.lm_weight", "needs data.lm_corpus"),
+        ("train:\n  lr: .inf\n", "train.lr", "must be a finite number"),
+        ("train:\n  weight_decay: .nan\n", "train.weight_decay", "must be a finite number"),
+        ("train:\n  max_grad_norm: .inf\n", "train.max_grad_norm", "must be a finite number"),
+        ("name: ..\n", "name", "must be a folder name"),
+        ("name: a/b\n", "name", "must be a folder name"),
+        ("name: ''\n", "name", "must be a folder name"),
+        ("train:\n  lr: 1.0e-3\ntrain:\n  lr: 2.0e-3\n", "(file)", "'train' is given twice"),
+        ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "(file)", "'lr' is given twice (first on line 2)"),
+        ("train: [1\n", "(file)", "not valid YAML"),
     ],
 )
 def test_config_errors_name_file_key_value_and_allowed(tmp_path, text, key, message):
@@ -211,3 +220,10 @@ def test_config_errors_survive_pickling():
     error = ConfigError("space.yaml", "train.lr", -1, "must be > 0")
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is ConfigError and str(copy) == str(error) and copy.key == "train.lr"
+
+
+def test_a_file_that_is_not_utf8_is_named_in_the_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"space.yaml: \(file\) = .*not UTF-8 text"):
+        load_config(path)
