@@ -70,6 +70,32 @@ class SchedulerSpec:
         return SCHEDULER_METRICS[self.metric]
 
 
+SAMPLER_TYPES = ("tpe", "gp", "random")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which Optuna sampler proposes the points (grids need none).
+
+    `n_startup_trials`: complete trials (baselines included) before the sampler's model is used;
+    None picks `default_startup_trials(num_samples)`. `multivariate`/`group`: TPE's joint model
+    of the parameters (`group` splits conditional `when:` spaces into their own groups).
+    """
+
+    type: str = "tpe"
+    n_startup_trials: int | None = None
+    multivariate: bool = True
+    group: bool = True
+
+
+def default_startup_trials(num_samples: int) -> int:
+    """Random points before the model takes over: a third of the trials, between 2 and 10.
+
+    Optuna's own default (10) leaves searches of up to 10 trials entirely random.
+    """
+    return max(2, min(10, num_samples // 3))
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     params: tuple[Param, ...]
@@ -79,6 +105,14 @@ class SearchSpec:
     seed: int = 0
     metric: str = "best_rougeL"
     scheduler: SchedulerSpec | None = SchedulerSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    #: Optuna study storage (an SQLAlchemy URL); None: `sqlite:///<search folder>/optuna.db`.
+    storage: str | None = None
+
+    @property
+    def startup_trials(self) -> int:
+        chosen = self.sampler.n_startup_trials
+        return default_startup_trials(self.num_samples) if chosen is None else chosen
 
     @property
     def is_grid(self) -> bool:
@@ -109,7 +143,8 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
     def fail(key: str, value: Any, allowed: str):
         raise ConfigError(source, f"search.{key}", value, allowed)
 
-    known = {"num_samples", "max_concurrent", "seed", "scheduler", "params", "baselines"}
+    known = {"num_samples", "max_concurrent", "seed", "scheduler", "params", "baselines",
+             "sampler", "storage"}
     for key in raw:
         if key not in known:
             fail(key, raw[key], f"unknown setting; known: {sorted(known)}")
@@ -127,6 +162,8 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
         max_concurrent=_positive_int(raw, "max_concurrent", 1, fail),
         seed=_positive_int(raw, "seed", 0, fail, minimum=0),
         scheduler=_parse_scheduler(raw.get("scheduler", "asha"), fail),
+        sampler=_parse_sampler(raw.get("sampler", "tpe"), fail),
+        storage=_parse_storage(raw.get("storage"), fail),
     )
     _check_against_run(spec, base, check_point, fail)
     return spec
@@ -156,6 +193,42 @@ def _positive_int(raw, key, default, fail, minimum=1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         fail(key, value, f"must be an integer >= {minimum}")
     return value
+
+
+def _parse_sampler(raw: Any, fail) -> SamplerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict) or raw.get("type", "tpe") not in SAMPLER_TYPES:
+        fail("sampler", raw, f"must be one of {list(SAMPLER_TYPES)} or {{type: tpe, "
+             "n_startup_trials, multivariate, group}")
+    kind = raw.get("type", "tpe")
+    allowed = {"type", "n_startup_trials"} | ({"multivariate", "group"} if kind == "tpe" else set())
+    extra = set(raw) - allowed
+    if extra:
+        fail("sampler", raw, f"unknown fields {sorted(extra)} for a {kind} sampler; known: "
+             f"{sorted(allowed)}")
+    startup = raw.get("n_startup_trials")
+    if startup is not None and (isinstance(startup, bool) or not isinstance(startup, int)
+                                or startup < 0):
+        fail("sampler.n_startup_trials", startup, "must be an integer >= 0")
+    flags = {}
+    for key in ("multivariate", "group"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                fail(f"sampler.{key}", raw[key], "must be true or false")
+            flags[key] = raw[key]
+    if flags.get("group", True) and flags.get("multivariate") is False:
+        fail("sampler.group", True, "grouping needs multivariate: true (set group: false)")
+    return SamplerSpec(type=kind, n_startup_trials=startup, **flags)
+
+
+def _parse_storage(raw: Any, fail) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or "://" not in raw:
+        fail("storage", raw, "must be an SQLAlchemy database URL such as "
+             "sqlite:////shared/optuna.db or postgresql://user@host/db (null: the search folder)")
+    return raw
 
 
 def _parse_scheduler(raw: Any, fail) -> SchedulerSpec | None:
