@@ -70,6 +70,8 @@ TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
 #: The run's metric history up to a checkpoint, readable without loading optimizer state.
 HISTORY_FILE = "history.json"
+#: Per-dev-item ROUGE-L of a checkpoint's evaluation round (for bootstrap intervals).
+DEV_SCORES_FILE = "dev_scores.json"
 #: Offset of the corpus blocks' shuffling seed from the instruction data's.
 LM_SEED_OFFSET = 7919
 
@@ -217,9 +219,26 @@ def corpus_blocks(run: RunConfig, tokenizer, world_size: int) -> torch.Tensor | 
 # --------------------------------------------------------------------------- evaluation
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _gather(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order."""
+    if _distributed():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+    return [value]
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -271,12 +290,12 @@ def dev_rouge_l(
     run: RunConfig,
     *,
     rank: int,
-    world_size: int,
-    device: torch.device,
-) -> float:
-    """ROUGE-L of the student's answers to this round's dev prompts (split across workers)."""
-    mine = dev_examples[: run.eval.num_examples][rank::world_size]
-    rouge_sum = 0.0
+) -> list[float]:
+    """ROUGE-L of the student's answer to each of this round's dev prompts, in dev order on
+    every worker (generation is split across workers; the scores are gathered)."""
+    items = dev_examples[: run.eval.num_examples]
+    mine = items[rank::_world_size()]
+    scores: list[float] = []
     if mine:
         settings = GenerationSettings(
             max_new_tokens=run.eval.max_new_tokens,
@@ -288,9 +307,13 @@ def dev_rouge_l(
         answers = generate_responses(
             student, tokenizer, [e.prompt for e in mine], settings, seed=run.eval.seed + rank,
         )
-        rouge_sum = rouge_l(answers, [e.references for e in mine]) * len(mine)
-    rouge_sum, items = _all_reduce_sum([rouge_sum, float(len(mine))], device)
-    return rouge_sum / max(items, 1.0)
+        scores = [rouge_l([answer], [e.references]) for answer, e in zip(answers, mine,
+                                                                           strict=True)]
+    per_rank = _gather(scores)  # rank r holds items r, r + world, r + 2·world, ...
+    ordered = [0.0] * len(items)
+    for r, rank_scores in enumerate(per_rank):
+        ordered[r::len(per_rank)] = rank_scores
+    return ordered
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -326,22 +349,15 @@ class TrainerState:
     replay: list[dict[str, Any]]
     rng: list[dict[str, Any]]
 
-    def save(self, folder: Path, student, tokenizer) -> None:
+    def save(self, folder: Path, student, tokenizer, dev_scores: list[float]) -> None:
         save_model(student, tokenizer, folder / MODEL_DIR)
         torch.save(vars(self), folder / TRAINER_STATE)
         (folder / HISTORY_FILE).write_text(json.dumps(self.history))
+        (folder / DEV_SCORES_FILE).write_text(json.dumps({ROUGE_L: dev_scores}))
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
         return cls(**torch.load(folder / TRAINER_STATE, weights_only=True))
-
-
-def _gather(value: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, value)
-        return gathered
-    return [value]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -548,9 +564,9 @@ class DistillationWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
         metrics |= self._dev_losses()
-        metrics[ROUGE_L] = dev_rouge_l(self.student, self.tokenizer, self.dev_examples, run,
-                                       rank=self.rank, world_size=self.world_size,
-                                       device=self.device)
+        self.dev_scores = dev_rouge_l(self.student, self.tokenizer, self.dev_examples, run,
+                                      rank=self.rank)
+        metrics[ROUGE_L] = sum(self.dev_scores) / max(len(self.dev_scores), 1)
         # The running best is what a search ranks trials by (the kept checkpoint is the best).
         metrics[BEST_ROUGE_L] = max([metrics[ROUGE_L]] + [h[ROUGE_L] for h in self.history])
         if run.sgo.enabled:
@@ -568,6 +584,6 @@ class DistillationWorker:
         with tempfile.TemporaryDirectory(prefix="amid-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
-                state.save(Path(folder), self.student, self.tokenizer)
+                state.save(Path(folder), self.student, self.tokenizer, self.dev_scores)
                 checkpoint = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
