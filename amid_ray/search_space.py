@@ -151,7 +151,10 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
     params = _dependencies_first(
         [_parse_param(key, spec, fail) for key, spec in (raw.get("params") or {}).items()], fail
     )
-    baselines = tuple(raw.get("baselines") or ())
+    raw_baselines = raw.get("baselines") or []
+    if not isinstance(raw_baselines, list):
+        fail("baselines", raw_baselines, "must be a list of preset names, e.g. [kd, srkl]")
+    baselines = tuple(raw_baselines)
     for name in baselines:
         if name not in PRESETS:
             fail("baselines", name, f"unknown baseline; known: {sorted(PRESETS)}")
@@ -173,9 +176,16 @@ def _dependencies_first(params: list[Param], fail) -> tuple[Param, ...]:
     """Order parameters so each comes after those its `when` condition reads."""
     by_key = {p.key: p for p in params}
     for param in params:
-        for key in param.when:
+        for key, value in param.when.items():
             if key not in by_key:
                 fail(f"params.{param.key}.when", key, "must name another searched parameter")
+            choices = by_key[key].possible_values()
+            if choices is None:
+                fail(f"params.{param.key}.when", {key: value},
+                     f"{key} is a continuous range: a condition on one value would never hold")
+            if value not in choices:
+                fail(f"params.{param.key}.when", {key: value},
+                     f"can never hold: {key} takes the values {list(choices)}")
     ordered: list[Param] = []
     placed: set[str] = set()
     while len(ordered) < len(params):
@@ -232,7 +242,7 @@ def _parse_storage(raw: Any, fail) -> str | None:
 
 
 def _parse_scheduler(raw: Any, fail) -> SchedulerSpec | None:
-    if raw in (None, "none", False):
+    if raw is None or raw is False or raw == "none":
         return None
     if raw == "asha":
         return SchedulerSpec()

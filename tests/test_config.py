@@ -33,7 +33,7 @@ def test_defaults_are_valid_and_round_trip():
         ("train:\n  lr: -1\n", "train.lr", "must be > 0"),
         ("train:\n  lr: fast\n", "train.lr", "must be a number"),
         ("train:\n  batch_sise: 4\n", "train.batch_sise", "did you mean 'batch_size'?"),
-        ("amid:\n  order: pq\n", "amid.order", "must be one of ('pr', 'qr', 'rp', 'rq')"),
+        ("amid:\n  order: pq\n", "amid.order", "must be one of ('pr', 'qr', 'rp', 'rq'"),
         ("amid:\n  lam: 1.0\n  order: pr\n", "amid.lam", "identically 0"),
         ("amid:\n  preset: fkl\n", "amid.preset", "must be one of"),
         ("data:\n  train: nowhere.jsonl\n", "data.train", "no such file or folder"),
@@ -114,9 +114,10 @@ SPACE = {
 
 
 def test_define_by_run_gives_baselines_first_then_conditional_samples():
-    spec = config_from_dict({"search": SPACE}).search_spec
+    run = config_from_dict({"search": SPACE})
+    spec = run.search_spec
     assert spec.keys.index("amid.divergence") < spec.keys.index("amid.ab_alpha")
-    space = DefineByRun(spec)
+    space = DefineByRun(spec, run.to_dict())
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=0))
     points = []
@@ -125,7 +126,7 @@ def test_define_by_run_gives_baselines_first_then_conditional_samples():
         extra = space(trial)
         points.append(extra or dict(trial.params))
         study.tell(trial, 0.0)
-    assert points[:2] == [{"amid.preset": "kd"}, {"amid.preset": "taid"}]
+    assert [p["amid.preset"] for p in points[:2]] == ["kd", "taid"]
     for point in points[2:]:
         assert -5.0 <= point["amid.alpha"] <= 3.0 and 1e-4 <= point["train.lr"] <= 1e-3
         assert ("amid.ab_alpha" in point) == (point["amid.divergence"] == "ab")
@@ -163,6 +164,13 @@ def test_define_by_run_gives_baselines_first_then_conditional_samples():
           "amid.lam": {"type": "uniform", "low": 0.1, "high": 0.9}}, "search.params",
          "cannot be mixed"),
         ({"train.lr": {"type": "normal"}}, "search.params.train.lr.type", "must be one of"),
+        ({"amid.divergence": {"type": "categorical", "values": ["kl"]},
+          "amid.ab_alpha": {"type": "uniform", "low": 0.1, "high": 0.9,
+                            "when": {"amid.divergence": "ab"}}},
+         "search.params.amid.ab_alpha.when", "can never hold"),
+        ({"amid.alpha": {"type": "uniform", "low": -1.0, "high": 1.0},
+          "amid.lam": {"type": "uniform", "low": 0.1, "high": 0.9, "when": {"amid.alpha": 0.5}}},
+         "search.params.amid.lam.when", "continuous range"),
     ],
 )
 def test_search_space_errors(params, key, message):
@@ -227,3 +235,16 @@ def test_a_file_that_is_not_utf8_is_named_in_the_error(tmp_path):
     path.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"space.yaml: \(file\) = .*not UTF-8 text"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("search", "key", "message"), [
+    ({"baselines": "srkl"}, "search.baselines", "must be a list of preset names"),
+    ({"baselines": {"kd": 1}}, "search.baselines", "must be a list of preset names"),
+    ({"scheduler": 0}, "search.scheduler", "must be null, 'asha'"),
+    ({"scheduler": True}, "search.scheduler", "must be null, 'asha'"),
+    ({"num_samples": 0}, "search.num_samples", "must be an integer >= 1"),
+])
+def test_search_section_shapes_that_used_to_be_misread(search, key, message):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"search": search}, "space.yaml")
+    assert caught.value.key == key and message in str(caught.value)
