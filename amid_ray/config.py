@@ -124,8 +124,11 @@ class TrainConfig:
     kd_ratio: float = _help("loss = (1 - kd_ratio)·CE + kd_ratio·AMiD (+ lm_weight·LM)", 1.0)
     lm_weight: float = _help("weight of the language-modelling loss on data.lm_corpus", 0.0)
     seed: int = _help("seed for data order, initialisation and sampling", 10)
+    log_every: int = _help(
+        "optimizer steps between progress lines in the rank-0 worker's log (0: none)", 10)
 
     def check(self, where: _Where) -> None:
+        where.at_least("log_every", self.log_every, 0)
         where.positive("lr", self.lr)
         where.at_least("weight_decay", self.weight_decay, 0.0)
         where.at_least("max_steps", self.max_steps, 1)

@@ -469,9 +469,23 @@ class DistillationWorker:
         window = _Window()
         while self.step < run.train.max_steps:
             self._optimizer_step(window)
+            if run.train.log_every and self.step % run.train.log_every == 0:
+                self._log_progress(window)
             if self.step % run.eval.every == 0 or self.step == run.train.max_steps:
                 self._report(self._evaluation_round(window))
                 window = _Window()
+
+    def _log_progress(self, window: _Window) -> None:
+        """One line in the rank-0 worker's log: where the run is and when it will end."""
+        if self.rank != 0:
+            return
+        elapsed = time.perf_counter() - window.start
+        left = self.run.train.max_steps - self.step
+        eta = elapsed / max(window.steps, 1) * left
+        print(f"[amid-ray] step {self.step}/{self.run.train.max_steps}  loss "
+              f"{window.loss / window.steps:.4f}  {window.tokens / elapsed:.0f} tokens/s per "
+              f"worker  ETA {eta / 60:.1f} min (to the end, without evaluation rounds)",
+              flush=True)
 
     def _sync_gradients(self, on: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces on the step's last backward pass only (as nanoGPT does)."""
@@ -564,9 +578,18 @@ class DistillationWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
         metrics |= self._dev_losses()
+        began = time.perf_counter()
+        if self.rank == 0:
+            print(f"[amid-ray] step {self.step}: evaluation round, generating answers to "
+                  f"{min(run.eval.num_examples, len(self.dev_examples))} dev prompts "
+                  f"on {self.world_size} worker(s)", flush=True)
         self.dev_scores = dev_rouge_l(self.student, self.tokenizer, self.dev_examples, run,
                                       rank=self.rank)
         metrics[ROUGE_L] = sum(self.dev_scores) / max(len(self.dev_scores), 1)
+        if self.rank == 0:
+            print(f"[amid-ray] step {self.step}: ROUGE-L {metrics[ROUGE_L]:.2f}, val_loss "
+                  f"{metrics[VAL_LOSS]:.4f}, dev_ce {metrics[DEV_CE]:.4f} "
+                  f"({time.perf_counter() - began:.0f} s)", flush=True)
         # The running best is what a search ranks trials by (the kept checkpoint is the best).
         metrics[BEST_ROUGE_L] = max([metrics[ROUGE_L]] + [h[ROUGE_L] for h in self.history])
         if run.sgo.enabled:

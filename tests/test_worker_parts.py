@@ -102,3 +102,22 @@ def test_language_modelling_loss_is_next_token_cross_entropy():
     torch.testing.assert_close(loss.double(), direct, rtol=1e-5, atol=1e-6)
     # Hugging Face's own shifted loss agrees.
     torch.testing.assert_close(loss, student(block, labels=block).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_line_reports_step_loss_speed_and_eta(capsys, monkeypatch):
+    from amid_ray import worker as worker_module
+    from amid_ray.worker import DistillationWorker, _Window
+
+    bare = DistillationWorker.__new__(DistillationWorker)  # only what the line reads
+    bare.run = config_from_dict({"train": {"max_steps": 100}})
+    bare.rank, bare.step = 0, 40
+    window = _Window(loss=2.5, tokens=8000, steps=10, start=100.0)
+    monkeypatch.setattr(worker_module.time, "perf_counter", lambda: 120.0)  # 10 steps in 20 s
+    bare._log_progress(window)
+    line = capsys.readouterr().out
+    # 60 steps left at 2 s a step: 2.0 minutes; 8000 tokens in 20 s.
+    assert line.startswith("[amid-ray] step 40/100  loss 0.2500  400 tokens/s")
+    assert "ETA 2.0 min" in line
+    bare.rank = 1
+    bare._log_progress(window)
+    assert capsys.readouterr().out == ""
