@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from amid_ray.config import ConfigError, load_config
+from amid_ray.config import ConfigError, RunConfig, load_config
 
 EPILOG = "Run `amid-ray COMMAND --help` for the options of a command."
+#: `amid-ray eval` flags that set a field of `evaluation.GenerationSettings` of the same name.
+GENERATION_FLAGS = ("max_new_tokens", "max_prompt_length", "batch_size")
 
 
 def _print_json_last(summary: dict) -> None:
@@ -21,28 +23,29 @@ def _print_json_last(summary: dict) -> None:
 # --------------------------------------------------------------------------- train
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from amid_ray import cluster
+def _prepare_demo(run: RunConfig) -> None:
+    """Build the embedded demo's assets if `run` uses them (before Ray starts: minutes, once)."""
     from amid_ray.sources import demo_assets, uses_demo
+
+    if uses_demo(run):
+        print("preparing the embedded demo (built once, then cached)...", flush=True)
+        demo_assets(progress=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amid_ray.cluster import ray_session
     from amid_ray.training import run_training
+    from amid_ray.worker import ROUGE_L
 
     run = load_config(args.config, args.set)  # every config error before Ray starts
     if args.address:
         run.resources.address = args.address
-    if uses_demo(run):
-        print("preparing the embedded demo (cached after the first time)...", flush=True)
-        demo_assets(progress=True)
-    started = cluster.connect(run.resources.address)
-    try:
+    _prepare_demo(run)
+    with ray_session(run.resources.address):
         begin = time.perf_counter()
         outcome = run_training(run)
         summary = outcome.summary() | {"wall_s": round(time.perf_counter() - begin, 1)}
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    print(f"best ROUGE-L {summary['rougeL']} at step {summary['best_step']}: "
+    print(f"best ROUGE-L {summary[ROUGE_L]} at step {summary['best_step']}: "
           f"{summary['best_checkpoint']}")
     _print_json_last(summary)
     return 0
@@ -73,10 +76,8 @@ def _finish_search(outcome) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(Path(args.resume), args.address, args.tracking_uri)
-    from amid_ray import cluster
-    from amid_ray.search import run_search
-    from amid_ray.search_space import parse_search
-    from amid_ray.sources import demo_assets, uses_demo
+    from amid_ray.cluster import ray_session
+    from amid_ray.search import run_search, search_spec
 
     overrides = list(args.set)
     if args.name:
@@ -85,39 +86,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
         overrides.append(f"resources.storage={args.storage}")
     if args.num_samples:
         overrides.append(f"search.num_samples={args.num_samples}")
-    config_file = args.config or DEMO_SPACE
-    run = load_config(config_file, overrides)
-    parse_search(run)  # every search-space error before Ray starts
-    if uses_demo(run):
-        print("preparing the embedded demo (built once, then cached)...", flush=True)
-        demo_assets(progress=True)
-    started = cluster.connect(args.address or run.resources.address)
-    try:
+    run = load_config(args.config or DEMO_SPACE, overrides)
+    search_spec(run)  # every search-space error before Ray starts
+    _prepare_demo(run)
+    with ray_session(args.address or run.resources.address):
         outcome = run_search(run, tracking_uri=args.tracking_uri)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return _finish_search(outcome)
 
 
 def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> int:
-    from amid_ray import cluster
+    from amid_ray.cluster import ray_session
     from amid_ray.search import load_search_file, run_search
-    from amid_ray.sources import demo_assets, uses_demo
 
     run = load_search_file(search_dir)
-    if uses_demo(run):
-        demo_assets(progress=True)
-    started = cluster.connect(address or run.resources.address)
-    try:
+    _prepare_demo(run)
+    with ray_session(address or run.resources.address):
         outcome = run_search(resume_dir=search_dir, tracking_uri=tracking_uri)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return _finish_search(outcome)
 
 
@@ -126,45 +110,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from amid_ray.search import (
-        best_trial,
-        collect_trials,
-        effective_settings,
-        format_trials_table,
-        load_search_file,
-    )
+    from amid_ray.search import search_results
 
-    search_dir = Path(args.search_dir).expanduser().resolve()
-    run = load_search_file(search_dir)
-    records = collect_trials(search_dir, run.train.max_steps)
-    print(format_trials_table(run, records))
-    best = best_trial(records)
-    summary = {
-        "best_trial": best.trial_id if best else None,
-        "rougeL": best.best_rougeL if best else None,
-        "best_config": effective_settings(run, best.params) if best else None,
-        "best_checkpoint": best.best_checkpoint if best else None,
-        "exported": str(search_dir / "best") if (search_dir / "best").is_dir() else None,
-        "num_trials": len(records),
-        "search_dir": str(search_dir),
-    }
-    _print_json_last(summary)
-    return 0 if best else 1
+    outcome = search_results(Path(args.search_dir))
+    print(outcome.table)
+    _print_json_last(outcome.summary())
+    return 0 if outcome.best else 1
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from amid_ray.search import TRACKING_URI_FILE
+    from amid_ray.search import TRACKING_URI_FILE, load_tracking_uri
 
     search_dir = Path(args.search_dir or ".").expanduser().resolve()
-    uri_file = search_dir / TRACKING_URI_FILE
-    if not uri_file.is_file():
+    uri = load_tracking_uri(search_dir)
+    if uri is None:
         print(f"amid-ray ui: error: {search_dir} is not a search folder (no {TRACKING_URI_FILE})",
               file=sys.stderr)
         return 2
-    uri = uri_file.read_text().strip()
     if uri.startswith("http"):
         print(f"this search logs to a tracking server: open {uri}")
         return 0
@@ -184,13 +149,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from amid_ray.data import load_examples
-    from amid_ray.evaluation import GenerationSettings, evaluate
+    from amid_ray.evaluation import PAPER_SEEDS, GenerationSettings, evaluate
     from amid_ray.models import load_causal_lm
     from amid_ray.sources import eval_data_path, eval_model_path
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens,
-                                  max_prompt_length=args.max_prompt_length,
-                                  batch_size=args.batch_size)
+    # Flags left out keep the protocol's values (the parser does not import the evaluation).
+    given = {name: getattr(args, name) for name in GENERATION_FLAGS
+             if getattr(args, name) is not None}
+    settings = GenerationSettings(**given)
     if args.greedy:
         settings = settings.as_greedy()
     eval_sets = {}
@@ -202,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"model: {model_path}", file=sys.stderr)
     begin = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
-    report = evaluate(model, tokenizer, eval_sets, settings, seeds=args.seeds, progress=True)
+    report = evaluate(model, tokenizer, eval_sets, settings, seeds=args.seeds or PAPER_SEEDS,
+                      progress=True)
     wall = time.perf_counter() - begin
     print(report.format_table())
     print(f"wall time {wall:.1f} s")
@@ -256,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, nargs="+", metavar="FILE",
                           help="eval sets (.jsonl/.json/datasets folder), or demo-dev, demo-test "
                           "(the embedded demo's splits)")
-    evaluate.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
+    evaluate.add_argument("--seeds", type=int, nargs="+")
     evaluate.add_argument("--max-examples", type=int, help="first N items of each set")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
-    evaluate.add_argument("--max-prompt-length", type=int, default=256)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--max-prompt-length", type=int)
+    evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding (one pass)")
     evaluate.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     evaluate.set_defaults(handler=cmd_eval)

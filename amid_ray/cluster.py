@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import ray
 
@@ -42,3 +44,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         log_to_driver=not quiet,
     )
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None,
+                quiet: bool = False) -> Iterator[None]:
+    """Ray for the duration of the block, connected as `connect` does; after the block (even
+    on an error) disconnected, and a local Ray stopped, unless Ray was up before the call."""
+    started = connect(address, num_cpus=num_cpus, quiet=quiet)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

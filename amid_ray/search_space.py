@@ -362,21 +362,3 @@ def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
         points.append(dict(zip(keys, values, strict=True)))
     return points
 
-
-# TEMP (lead): old entry points kept while search.py is being split; removed right after.
-def parse_search(run) -> SearchSpec:
-    return run.search_spec or SearchSpec(params=())
-
-
-def trial_run_config(base, point, source):
-    from amid_ray.config import point_config
-
-    return point_config(base, point, source)
-
-
-def __getattr__(name):
-    if name == "DefineByRun":
-        from amid_ray.sampling import DefineByRun
-
-        return DefineByRun
-    raise AttributeError(name)

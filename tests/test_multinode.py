@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+from mlflow_helpers import tracking_summary
 
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
 from amid_ray.config import config_from_dict
 from amid_ray.search import run_search
-from amid_ray.tracking import tracking_summary
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))

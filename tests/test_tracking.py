@@ -1,8 +1,10 @@
-"""MLflow tracking of a search: a real Ray Tune run, a real SQLite tracking store, a resume."""
+"""MLflow tracking of a search: a real Ray Tune run, a real SQLite tracking store, a resume;
+the callback's hooks and the end-of-search publishing driven directly."""
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
@@ -11,20 +13,20 @@ import optuna
 import pytest
 import ray
 from mlflow import MlflowClient
+from mlflow_helpers import tracking_summary
 from optuna.distributions import FloatDistribution
 from optuna.trial import create_trial
 from ray import tune
 
-from amid_ray.tracking import (
+from amid_ray.mlflow_runs import (
     PARENT_RUN_FILE,
-    MLflowSearchTracker,
+    SearchRuns,
     default_artifact_location,
     default_tracking_uri,
-    flatten_config,
     short_param_names,
-    tracking_summary,
-    write_study_plots,
 )
+from amid_ray.publish import finish_search, sync_trial, write_study_plots
+from amid_ray.tracking import MLflowSearchTracker, result_step
 
 MAX_STEPS = 4
 ALPHAS = (-3.0, 0.0, 1.0)
@@ -52,8 +54,8 @@ def _stop(trial_id: str, result: dict) -> bool:
     return result["config"]["amid.alpha"] == STOPPED and result["step"] >= 2
 
 
-def _tracker(tracking_uri: str, search_dir: Path) -> MLflowSearchTracker:
-    return MLflowSearchTracker(
+def _runs(tracking_uri: str, search_dir: Path) -> SearchRuns:
+    return SearchRuns(
         tracking_uri, "amid-search", search_dir,
         search_space={"amid.alpha": {"grid": list(ALPHAS)}, "train.lr": 1e-3},
         max_steps=MAX_STEPS, param_keys=PARAM_KEYS,
@@ -89,7 +91,8 @@ def search(local_ray, tmp_path_factory) -> SimpleNamespace:
             param_space={"amid.alpha": tune.grid_search(list(ALPHAS)), "train.lr": 1e-3,
                          "amid.divergence": "kl", "test.marker_dir": str(root)},
             run_config=tune.RunConfig(name="tune", storage_path=str(root / "ray"), stop=_stop,
-                                      callbacks=[_tracker(uri, search_dir)], verbose=0),
+                                      callbacks=[MLflowSearchTracker(_runs(uri, search_dir))],
+                                      verbose=0),
         )
         tuner.fit()
         after_fit = tracking_summary(uri, search_dir)
@@ -125,10 +128,9 @@ def finished(search) -> SimpleNamespace:
             "config": {"amid": {"alpha": -3.0, "divergence": "kl"}, "train": {"lr": 1e-3}}}
     table = [{"trial_id": child["trial_id"], "alpha": alpha, "status": child["status"]}
              for alpha, child in children.items()]
-    tracker = _tracker(search.uri, search.search_dir)
-    version = tracker.finish_search(best=best, trials_table=table,
-                                    optuna_study=_study(search.after_resume),
-                                    best_model_dir=model_dir, registered_model_name=MODEL_NAME)
+    version = finish_search(_runs(search.uri, search.search_dir), best=best, trials_table=table,
+                            optuna_study=_study(search.after_resume),
+                            best_model_dir=model_dir, registered_model_name=MODEL_NAME)
     return SimpleNamespace(client=client, version=version, model_dir=model_dir, best=best,
                            summary=tracking_summary(search.uri, search.search_dir))
 
@@ -151,9 +153,20 @@ def test_param_names_are_short_unless_they_collide():
         "amid.alpha": "amid.alpha", "sgo.alpha": "sgo.alpha"}
 
 
-def test_nested_and_dotted_configs_flatten_alike():
-    nested = {"amid": {"alpha": -3.0, "order": "pr"}, "train.lr": 1e-3}
-    assert flatten_config(nested) == {"amid.alpha": -3.0, "amid.order": "pr", "train.lr": 1e-3}
+def test_nested_and_dotted_configs_give_the_same_params(tmp_path):
+    runs = _runs(default_tracking_uri(tmp_path), tmp_path)
+    nested = {"amid": {"alpha": -3.0, "divergence": "kl", "order": "pr"}, "train.lr": 1e-3}
+    dotted = {"amid.alpha": -3.0, "amid.divergence": "kl", "amid.order": "pr", "train.lr": 1e-3}
+    expected = {"alpha": "-3.0", "divergence": "kl", "lr": "0.001"}  # only the PARAM_KEYS
+    assert runs.trial_params(nested) == runs.trial_params(dotted) == expected
+
+
+def test_a_result_step_is_its_step_else_tunes_report_count():
+    assert result_step({"step": 40, "training_iteration": 2}) == 40
+    assert result_step({"training_iteration": 2}) == 2
+    assert result_step({"step": True}) is None
+    assert result_step({"step": "40"}) is None
+    assert result_step({}) is None
 
 
 @pytest.mark.slow
@@ -244,7 +257,7 @@ def test_sync_trial_logs_rounds_tune_never_relayed_and_corrects_the_end(tmp_path
     is brought in line with the Train history (the hooks driven directly, real SQLite store)."""
     search_dir = tmp_path / "search"
     uri = default_tracking_uri(search_dir)
-    tracker = _tracker(uri, search_dir)
+    tracker = MLflowSearchTracker(_runs(uri, search_dir))
     tracker.setup()
     rows = [{"step": step, "rougeL": 0.1 * step, "val_loss": 2.0 / step}
             for step in range(1, MAX_STEPS + 1)]
@@ -255,14 +268,74 @@ def test_sync_trial_logs_rounds_tune_never_relayed_and_corrects_the_end(tmp_path
         for row in rows[:2]:
             tracker.on_trial_result(0, [], trial, row)
         tracker.on_trial_complete(0, [], trial)  # Tune stopped both after step 2: KILLED
-    tracker.sync_trial("ran-on", rows, "finished")  # its Train run reached the last step
-    tracker.sync_trial("one-more", rows[:3], "stopped early")
+    sync_trial(tracker.runs, "ran-on", rows, "finished")  # its Train run reached the last step
+    sync_trial(_runs(uri, search_dir), "one-more", rows[:3], "stopped early")  # a new driver
     children = {c["trial_id"]: c for c in tracking_summary(uri, search_dir)["children"]}
     ran_on, one_more = children["ran-on"], children["one-more"]
     assert ran_on["metrics"]["val_loss"] == [(r["step"], r["val_loss"]) for r in rows]
     assert (ran_on["status"], ran_on["tags"]["stopped_early"]) == ("FINISHED", "false")
     assert [step for step, _ in one_more["metrics"]["rougeL"]] == [1, 2, 3]
     assert (one_more["status"], one_more["tags"]["stopped_early"]) == ("KILLED", "true")
+
+
+def test_a_pickled_tracker_finds_its_runs_again(tmp_path):
+    """Tune pickles its callbacks with the experiment: the tracker a new driver unpickles reuses
+    the parent and the trial's child run, and logs only the steps MLflow does not hold yet."""
+    search_dir = tmp_path / "search"
+    uri = default_tracking_uri(search_dir)
+    tracker = MLflowSearchTracker(_runs(uri, search_dir))
+    tracker.setup()
+    trial = SimpleNamespace(trial_id="t1", config={"amid.alpha": 1.0}, last_result={})
+    tracker.on_trial_start(0, [], trial)
+    for step in (1, 2):
+        tracker.on_trial_result(0, [], trial, {"step": step, "rougeL": 10.0 * step})
+    revived = pickle.loads(pickle.dumps(tracker))
+    revived.setup()
+    revived.on_trial_start(0, [], trial)
+    for step in range(1, MAX_STEPS + 1):  # the resumed trial re-reports steps it had reported
+        revived.on_trial_result(0, [], trial, {"step": step, "rougeL": 10.0 * step})
+    revived.on_trial_complete(0, [], trial)
+    summary = tracking_summary(uri, search_dir)
+    assert len(MlflowClient(uri).search_runs([summary["experiment_id"]])) == 2
+    (child,) = summary["children"]
+    assert child["metrics"]["rougeL"] == [(step, 10.0 * step) for step in range(1, MAX_STEPS + 1)]
+    assert (child["status"], child["tags"]["stopped_early"]) == ("FINISHED", "false")
+    assert child["params"] == {"alpha": "1.0"}
+
+
+def test_finish_search_from_a_new_driver_ends_leftovers_and_registers_the_best(tmp_path):
+    """A driver died leaving two children RUNNING, one at the last step; a new driver's
+    finish_search ends them as their logged steps show and publishes the best on the parent
+    (hooks and publishing driven directly, real SQLite store)."""
+    search_dir = tmp_path / "search"
+    uri = default_tracking_uri(search_dir)
+    tracker = MLflowSearchTracker(_runs(uri, search_dir))
+    tracker.setup()
+    for trial_id, last_step in {"done": MAX_STEPS, "cut": 2}.items():
+        trial = SimpleNamespace(trial_id=trial_id, config={"amid.alpha": 1.0}, last_result={})
+        tracker.on_trial_start(0, [], trial)
+        for step in range(1, last_step + 1):
+            tracker.on_trial_result(0, [], trial, {"step": step, "rougeL": 10.0 * step})
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    best = {"trial_id": "done", "rougeL": 40.0,
+            "config": {"amid": {"alpha": 1.0}, "train": {"lr": 1e-3}}}
+    version = finish_search(_runs(uri, search_dir), best=best,
+                            trials_table=[{"trial_id": "done"}, {"trial_id": "cut"}],
+                            optuna_study=None, best_model_dir=model_dir,
+                            registered_model_name=MODEL_NAME)
+    summary = tracking_summary(uri, search_dir)
+    ends = {c["trial_id"]: (c["status"], c["tags"]["stopped_early"], c["tags"]["status_inferred"])
+            for c in summary["children"]}
+    assert ends == {"done": ("FINISHED", "false", "true"), "cut": ("KILLED", "true", "true")}
+    parent = summary["parent"]
+    assert parent["status"] == "FINISHED"
+    assert parent["params"] == {"best.alpha": "1.0", "best.lr": "0.001"}
+    assert parent["metrics"] == {"best_rougeL": [(0, 40.0)], "num_trials": [(0, 2.0)]}
+    assert parent["tags"]["best_trial_id"] == "done"
+    aliased = MlflowClient(uri).get_model_version_by_alias(MODEL_NAME, "best")
+    assert (aliased.version, aliased.run_id) == (version.version, summary["parent_run_id"])
 
 
 def test_study_plots_are_skipped_with_a_note_below_two_trials(tmp_path):
