@@ -52,7 +52,7 @@ def _loss_and_gradients(
             chunk_grads = iter(torch.autograd.grad(chunk_loss, leaves) if leaves else ())
         for grad in grads:
             if grad is not None:
-                grad.index_copy_(0, chunk_index, next(chunk_grads))
+                grad.index_add_(0, chunk_index, next(chunk_grads))
         chunk_loss = chunk_loss.detach()
         total = chunk_loss if total is None else total + chunk_loss
     if total is None:  # no rows selected: the loss is an empty sum

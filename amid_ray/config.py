@@ -23,6 +23,7 @@ import yaml
 
 from amid_ray.errors import ConfigError
 from amid_ray.losses import PRESETS, AMiDSettings, is_degenerate
+from amid_ray.schedule import LR_SCHEDULES
 from amid_ray.search_space import SearchSpec, parse_search_section
 
 __all__ = ["ConfigError"]  # re-exported: every caller imports it from here
@@ -138,7 +139,7 @@ class TrainConfig:
         if self.warmup_steps >= self.max_steps:
             where.fail("warmup_steps", self.warmup_steps,
                        f"must be below max_steps ({self.max_steps})")
-        where.one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
+        where.one_of("schedule", self.schedule, LR_SCHEDULES)
         where.at_least("max_grad_norm", self.max_grad_norm, 0.0)
         where.in_unit_interval("kd_ratio", self.kd_ratio)
         where.at_least("lm_weight", self.lm_weight, 0.0)
@@ -221,6 +222,27 @@ class EvalConfig:
             where.at_least(key, getattr(self, key), 1)
 
 
+#: Storage precisions of cached teacher log-probabilities.
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _help(
+        "train from a teacher-output cache built once per search (top-k log-probabilities at "
+        "every response position) instead of running the teacher in every trial", False)
+    top_k: int = _help("teacher log-probabilities kept per position (the rest as one tail mass)",
+                       64)
+    dtype: str = _help("precision of the cached log-probabilities: float16, bfloat16 or float32",
+                       "float16")
+    dir: str | None = _help(
+        "folder of teacher caches shared between searches (null: <storage>/teacher_cache)", None)
+
+    def check(self, where: _Where) -> None:
+        where.at_least("top_k", self.top_k, 1)
+        where.one_of("dtype", self.dtype, CACHE_DTYPES)
+
+
 @dataclass
 class ResourcesConfig:
     num_workers: int = _help("Ray Train workers per run (DDP)", 1)
@@ -248,6 +270,7 @@ class RunConfig:
     amid: AMiDConfig = _help("the AMiD objective", factory=AMiDConfig)
     sgo: SGOConfig = _help("student-generated outputs", factory=SGOConfig)
     eval: EvalConfig = _help("evaluation rounds", factory=EvalConfig)
+    cache: CacheConfig = _help("the shared teacher-output cache", factory=CacheConfig)
     resources: ResourcesConfig = _help("workers and storage", factory=ResourcesConfig)
     search: dict[str, Any] | None = _help("the search section of a search-space file", None)
     #: Where the values came from (a file name, or "defaults"), for error messages.

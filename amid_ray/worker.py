@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.models import freeze_teacher, save_model
+from amid_ray.schedule import learning_rate_factor, micro_batches
 from amid_ray.sgo import AdaptiveSGOScheduler, ReplayBuffer, generate_student_batch
 from amid_ray.sources import load_models, load_train_dev
 
@@ -79,32 +78,6 @@ LM_SEED_OFFSET = 7919
 # --------------------------------------------------------------------------- batches
 
 
-def micro_batches(
-    num_examples: int, batch_size: int, *, seed: int, rank: int, world_size: int,
-    items: str = "training examples",
-) -> Iterator[list[int]]:
-    """Endless stream of this worker's micro-batches (example indices).
-
-    Each epoch is a fresh seeded permutation split evenly across workers (the tail that does not
-    fill a batch on every worker is dropped), so the stream is a pure function of its arguments
-    and a resumed run can skip ahead to where it stopped. `items` names what is batched in the
-    error for too little data.
-    """
-    per_step = batch_size * world_size
-    if num_examples < per_step:
-        raise ValueError(
-            f"{num_examples} {items} cannot fill one batch of {batch_size} on each of "
-            f"{world_size} workers"
-        )
-    epoch = 0
-    while True:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, num_examples - per_step + 1, per_step):
-            chunk = order[start : start + per_step]
-            yield chunk[rank * batch_size : (rank + 1) * batch_size].tolist()
-        epoch += 1
-
-
 def response_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which logit positions predict a response token, and the token each predicts.
 
@@ -114,18 +87,6 @@ def response_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     return targets != IGNORE_INDEX, targets
-
-
-def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 1.0
 
 
 def _optimizer(student: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

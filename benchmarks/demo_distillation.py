@@ -4,8 +4,8 @@ One AMiD run on a local Ray (the path of `amid-ray train`) with the base values 
 `search_spaces/demo.yaml` (or `--config`, plus `--set` overrides). The starting student and the
 run's best checkpoint are then measured the same way, outside the run:
 
-- dev AMiD loss and dev ROUGE-L: the worker's own evaluation round (same dev items, teacher and
-  AMiD settings as in training);
+- dev AMiD loss and dev ROUGE-L: the worker's own evaluation functions (same dev items, teacher
+  and AMiD settings as in training);
 - greedy ROUGE-L and exact match on the whole demo test split (never seen in training or in
   checkpoint selection), with the teacher's score as the ceiling.
 
@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from amid_ray import cluster
@@ -30,7 +29,7 @@ from amid_ray.evaluation import GenerationSettings, evaluate
 from amid_ray.models import load_causal_lm
 from amid_ray.sources import demo_assets, load_models, load_train_dev
 from amid_ray.training import run_training
-from amid_ray.worker import evaluation_round
+from amid_ray.worker import VAL_LOSS, Objective, dev_losses, dev_rouge_l
 
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
@@ -38,14 +37,15 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 def measure(model, teacher, tokenizer, dev, test, run) -> dict[str, float]:
     """Dev AMiD loss / ROUGE-L (as an evaluation round computes them) and test-split scores."""
     model.eval()
-    dev_scores = evaluation_round(model, teacher, tokenizer, dev, run, rank=0, world_size=1,
-                                  device=torch.device("cpu"), autocast_dtype=None)
+    dev_loss = dev_losses(model, teacher, tokenizer, dev, run, Objective.of(run), rank=0,
+                          world_size=1, device=torch.device("cpu"), autocast_dtype=None)
+    dev_scores = dev_rouge_l(model, tokenizer, dev, run, rank=0)
     settings = GenerationSettings(max_new_tokens=run.eval.max_new_tokens,
                                   max_prompt_length=run.data.max_prompt_length,
                                   batch_size=run.eval.batch_size).as_greedy()
     test_scores = evaluate(model, tokenizer, {"test": test}, settings,
                            seeds=[run.eval.seed]).to_dict()["sets"]["test"]
-    return {"dev_amid_loss": dev_scores["val_loss"], "dev_rougeL": dev_scores["rougeL"],
+    return {"dev_amid_loss": dev_loss[VAL_LOSS], "dev_rougeL": sum(dev_scores) / len(dev_scores),
             "test_rougeL": test_scores["rouge_l"]["mean"],
             "test_exact_match": test_scores["exact_match"]["mean"]}
 
@@ -67,13 +67,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="amid-demo-distillation-") as storage:
         run.resources.storage = storage
         run.name = "demo-distillation"
-        started = cluster.connect(num_cpus=2, quiet=True)
         begin = time.perf_counter()
-        try:
+        with cluster.ray_session(num_cpus=2, quiet=True):
             outcome = run_training(run)
-        finally:
-            if started:
-                ray.shutdown()
         train_s = time.perf_counter() - begin
         trained, _ = load_causal_lm(outcome.best_checkpoint)
         rows["student after (best checkpoint)"] = measure(trained, teacher, tokenizer, dev,

@@ -229,8 +229,8 @@ class CpuMonitor:
 
 def build_world(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
     """Teacher, student (real GPT-2 tokenizer) and demo-task data, reused when already built."""
-    from amid_ray.demo_tasks import write_demo_splits
-    from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
+    from amid_ray.demo import fresh_gpt2, load_gpt2_tokenizer, write_demo_splits
+    from amid_ray.models import save_model
 
     key = (f"t{args.teacher_layers}x{args.teacher_width}-s{args.student_layers}x"
            f"{args.student_width}-p{args.n_positions}-n{args.train_examples}")
@@ -302,13 +302,9 @@ def plain_run(run: RunConfig, threads: int) -> Measurement:
     """The worker's training loop without Ray: same loading, seeding, batches, step and counting."""
     from amid_ray.data import TrainingCollator, encode_example
     from amid_ray.models import freeze_teacher
+    from amid_ray.schedule import learning_rate_factor, micro_batches
     from amid_ray.sources import load_models, load_train_dev
-    from amid_ray.worker import (
-        _optimizer,
-        distillation_losses,
-        learning_rate_factor,
-        micro_batches,
-    )
+    from amid_ray.worker import Objective, _optimizer, distillation_losses
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
@@ -325,6 +321,7 @@ def plain_run(run: RunConfig, threads: int) -> Measurement:
         for example in train_examples
     ]
     collate = TrainingCollator(tokenizer.pad_token_id)
+    objective = Objective.of(run)
     student.train()
     optimizer = _optimizer(student, run.train.lr, run.train.weight_decay)
     batches = micro_batches(len(encoded_train), run.train.batch_size, seed=seed, rank=0,
@@ -343,7 +340,7 @@ def plain_run(run: RunConfig, threads: int) -> Measurement:
         for _ in range(train.grad_accum):
             batch = {k: v.to(device)
                      for k, v in collate([encoded_train[i] for i in next(batches)]).items()}
-            losses = distillation_losses(student, teacher, batch, run, autocast_dtype=None)
+            losses = distillation_losses(student, teacher, batch, objective, autocast_dtype=None)
             (losses.total / train.grad_accum).backward()
             loss += losses.total.item() / train.grad_accum
             _ = losses.distil.item()
@@ -402,8 +399,8 @@ def token_windows(run: RunConfig) -> list[tuple[int, int]]:
     """(steps, attention-mask tokens) of each report window, from the worker's batch stream."""
     from amid_ray.data import TrainingCollator, encode_example
     from amid_ray.models import load_causal_lm
+    from amid_ray.schedule import micro_batches
     from amid_ray.sources import load_train_dev
-    from amid_ray.worker import micro_batches
 
     _, tokenizer = load_causal_lm(run.models.teacher)
     examples, _ = load_train_dev(run.data, run.train.seed)

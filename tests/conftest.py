@@ -28,8 +28,8 @@ def instruct_dir() -> Path:
 def tiny_world(tmp_path_factory) -> dict[str, str]:
     """Tiny teacher and student GPT-2s (real GPT-2 tokenizer) and small demo-task data."""
     from amid_ray.data import load_examples
-    from amid_ray.demo_tasks import write_demo_splits
-    from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
+    from amid_ray.demo import fresh_gpt2, load_gpt2_tokenizer, write_demo_splits
+    from amid_ray.models import save_model
 
     root = tmp_path_factory.mktemp("world")
     tokenizer = load_gpt2_tokenizer(root / "tokenizer")

@@ -21,7 +21,7 @@ from amid_ray.data import (
     load_examples,
     split_train_dev,
 )
-from amid_ray.models import load_gpt2_tokenizer
+from amid_ray.demo import load_gpt2_tokenizer
 
 INSTRUCT_DIR = Path(__file__).resolve().parents[2] / "shared/data/instruct"
 needs_instruct_data = pytest.mark.skipif(

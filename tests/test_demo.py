@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from amid_ray import demo
 from amid_ray.data import (
     InstructionExample,
     TrainingCollator,
@@ -24,16 +23,22 @@ from amid_ray.data import (
 )
 from amid_ray.demo import (
     DEMO_RECIPE,
+    TASK_FAMILIES,
     DemoRecipe,
     ModelShape,
     TrainingRun,
     build_demo_assets,
     evaluate_demo_models,
+    fresh_gpt2,
+    generate_examples,
+    load_gpt2_tokenizer,
     response_loss,
     train_on_responses,
+    write_demo_splits,
 )
-from amid_ray.demo_tasks import TASK_FAMILIES, generate_examples, write_demo_splits
-from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
+from amid_ray.demo import build as demo_build
+from amid_ray.demo import models as demo_models
+from amid_ray.models import save_model
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -164,6 +169,54 @@ def test_test_split_does_not_depend_on_train_size(tmp_path: Path):
     assert small["test"].read_text() == large["test"].read_text()
 
 
+# --- the demo's GPT-2s ---------------------------------------------------------------------------
+
+
+def test_fresh_gpt2_uses_tokenizer_vocabulary_and_seed(tokenizer: PreTrainedTokenizerBase):
+    state = torch.random.get_rng_state()
+    first = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=7)
+    other = fresh_gpt2(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=8)
+    assert first.config.vocab_size == len(tokenizer) == 50257
+    eos = tokenizer.eos_token_id
+    assert (first.config.eos_token_id, first.config.bos_token_id) == (eos, eos)
+    assert first.config.pad_token_id == first.generation_config.pad_token_id == eos
+    weight = first.transformer.wte.weight
+    assert torch.equal(weight, again.transformer.wte.weight)
+    assert not torch.equal(weight, other.transformer.wte.weight)
+
+
+def test_fresh_gpt2_without_dropout_has_the_same_weights(tokenizer: PreTrainedTokenizerBase):
+    shape = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, "seed": 3}
+    plain, quiet = fresh_gpt2(tokenizer, **shape), fresh_gpt2(tokenizer, **shape, dropout=False)
+    rates = [module.p for module in quiet.modules() if isinstance(module, torch.nn.Dropout)]
+    assert len(rates) == 4 and set(rates) == {0.0}  # embeddings, attention x2, MLP
+    assert {plain.config.resid_pdrop, quiet.config.resid_pdrop} == {0.1, 0.0}
+    assert (quiet.config.embd_pdrop, quiet.config.attn_pdrop) == (0.0, 0.0)
+    for (name, tensor), other in zip(plain.state_dict().items(), quiet.state_dict().values(),
+                                     strict=True):
+        assert torch.equal(tensor, other), name
+    ids = torch.tensor([[15496, 995, 13]])
+    quiet.train()  # training mode: only dropout could make two passes differ
+    assert torch.equal(quiet(ids).logits, quiet(ids).logits)
+
+
+def test_tokenizer_folder_is_complete_once_its_config_exists(tmp_path: Path, monkeypatch):
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_models, "write_text_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_gpt2_tokenizer(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+    monkeypatch.undo()
+    assert load_gpt2_tokenizer(tmp_path).encode("Hello world") == [15496, 995]
+    (tmp_path / "merges.txt").write_text("damaged")  # a complete folder is not rewritten
+    assert demo_models.gpt2_tokenizer_dir(tmp_path) == tmp_path
+    assert (tmp_path / "merges.txt").read_text() == "damaged"
+
+
 # --- the demo teacher and student --------------------------------------------------------------
 
 TINY_RECIPE = DemoRecipe(
@@ -197,7 +250,7 @@ def test_tiny_build_layout_and_cache(tmp_path: Path, capsys: pytest.CaptureFixtu
     def no_rebuild(*args):
         raise AssertionError("a cached build was rebuilt")
 
-    monkeypatch.setattr(demo, "_build_into", no_rebuild)
+    monkeypatch.setattr(demo_build, "_build_into", no_rebuild)
     assert build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False) == assets
     assert capsys.readouterr().out == ""
     assert len(build_dirs(tmp_path)) == 1
@@ -209,12 +262,12 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path: Path, monke
             raise KeyboardInterrupt
         return save_model(model, tokenizer, folder)
 
-    monkeypatch.setattr(demo, "save_model", crash_on_student)
+    monkeypatch.setattr(demo_build, "save_model", crash_on_student)
     with pytest.raises(KeyboardInterrupt):
         build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False)
     assert build_dirs(tmp_path) == []
 
-    monkeypatch.setattr(demo, "save_model", save_model)
+    monkeypatch.setattr(demo_build, "save_model", save_model)
     stale = tmp_path / f".demo-{TINY_RECIPE.fingerprint()}.partial-killed"
     (stale / "teacher").mkdir(parents=True)
     assets = build_demo_assets(tmp_path, recipe=TINY_RECIPE, progress=False)
@@ -228,8 +281,8 @@ def test_concurrent_callers_share_one_build(tmp_path: Path, monkeypatch):
         builds.append(threading.current_thread().name)
         return real_build(*args, **kwargs)
 
-    real_build = demo._build_into
-    monkeypatch.setattr(demo, "_build_into", counted_build)
+    real_build = demo_build._build_into
+    monkeypatch.setattr(demo_build, "_build_into", counted_build)
     results = []
     threads = [threading.Thread(target=lambda: results.append(build_demo_assets(
         tmp_path, recipe=TINY_RECIPE, progress=False))) for _ in range(3)]
@@ -241,10 +294,12 @@ def test_concurrent_callers_share_one_build(tmp_path: Path, monkeypatch):
     assert len(results) == 3 and results[0] == results[1] == results[2]
 
 
-def test_another_recipe_gets_its_own_folder():
-    other = dataclasses.replace(TINY_RECIPE, n_train=30)
-    assert other.fingerprint() != TINY_RECIPE.fingerprint()
-    assert DEMO_RECIPE.fingerprint() == DemoRecipe().fingerprint()
+def test_another_recipe_or_build_format_gets_its_own_folder(monkeypatch):
+    fingerprint = TINY_RECIPE.fingerprint()
+    assert dataclasses.replace(TINY_RECIPE, n_train=30).fingerprint() != fingerprint
+    assert dataclasses.replace(TINY_RECIPE, n_train=28).fingerprint() == fingerprint
+    monkeypatch.setattr(demo_build, "BUILD_FORMAT", demo_build.BUILD_FORMAT + 1)
+    assert TINY_RECIPE.fingerprint() != fingerprint
 
 
 def encoded_examples(tokenizer: PreTrainedTokenizerBase, n: int) -> list[dict[str, list[int]]]:

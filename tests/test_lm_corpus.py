@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from amid_ray.data import DataError
+from amid_ray.demo import load_gpt2_tokenizer
 from amid_ray.lm_corpus import load_lm_blocks
-from amid_ray.models import load_gpt2_tokenizer
 
 DOCUMENTS = [
     "The heron waits in the shallows.\nIt does not move.",

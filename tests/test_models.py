@@ -20,15 +20,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from amid_ray.demo import fresh_gpt2, load_gpt2_tokenizer
 from amid_ray.models import (
     ModelError,
     check_same_tokenizer,
     derive_student,
-    every_nth_layer,
     freeze_teacher,
-    fresh_gpt2,
     load_causal_lm,
-    load_gpt2_tokenizer,
     save_model,
     smollm2_gguf_path,
 )
@@ -113,24 +111,6 @@ def teacher(request: pytest.FixtureRequest, gpt2_teacher: GPT2LMHeadModel) -> Pr
     if request.param == "gpt2":
         return gpt2_teacher
     return tiny_llama() if request.param == "llama" else tiny_qwen2()
-
-
-# --- every_nth_layer --------------------------------------------------------------------------
-
-
-def test_every_nth_layer_keeps_last_layer() -> None:
-    assert every_nth_layer(30, 3) == list(range(2, 30, 3))
-    assert len(every_nth_layer(30, 3)) == 10
-    assert every_nth_layer(4, 2) == [1, 3]
-    assert every_nth_layer(5, 2) == [0, 2, 4]
-    assert every_nth_layer(3, 1) == [0, 1, 2]
-    assert every_nth_layer(3, 10) == [2]
-
-
-@pytest.mark.parametrize(("num_layers", "n", "match"), [(0, 1, "num_layers"), (4, 0, "n must")])
-def test_every_nth_layer_rejects_bad_arguments(num_layers: int, n: int, match: str) -> None:
-    with pytest.raises(ModelError, match=match):
-        every_nth_layer(num_layers, n)
 
 
 # --- derive_student ---------------------------------------------------------------------------
@@ -238,24 +218,7 @@ def test_derive_student_rejects_unknown_architecture() -> None:
         derive_student(model, [0])
 
 
-# --- fresh_gpt2 and freeze_teacher --------------------------------------------------------------
-
-
-def test_fresh_gpt2_uses_tokenizer_vocabulary_and_seed(
-    gpt2_tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    state = torch.random.get_rng_state()
-    first = fresh_gpt2(gpt2_tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=7)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    again = fresh_gpt2(gpt2_tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=7)
-    other = fresh_gpt2(gpt2_tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=8)
-    assert first.config.vocab_size == len(gpt2_tokenizer) == GPT2_VOCAB
-    eos = gpt2_tokenizer.eos_token_id
-    assert (first.config.eos_token_id, first.config.bos_token_id) == (eos, eos)
-    assert first.config.pad_token_id == first.generation_config.pad_token_id == eos
-    weight = first.transformer.wte.weight
-    assert torch.equal(weight, again.transformer.wte.weight)
-    assert not torch.equal(weight, other.transformer.wte.weight)
+# --- freeze_teacher -----------------------------------------------------------------------------
 
 
 def test_freeze_teacher_leaves_nothing_trainable(
@@ -426,8 +389,8 @@ def test_smollm2_gguf_teacher_and_derived_student() -> None:
     assert round(parameters / 1e6, 1) == 134.5
     assert tokenizer.pad_token is not None
 
-    keep = every_nth_layer(teacher.config.num_hidden_layers, 3)
-    assert len(keep) == 10
+    assert teacher.config.num_hidden_layers == 30
+    keep = list(range(2, 30, 3))  # every third layer, the last one kept
     student = derive_student(teacher, keep).eval()
     assert student.config.num_hidden_layers == 10
     check_same_tokenizer(tokenizer, tokenizer, teacher, student)

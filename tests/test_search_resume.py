@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_helpers import tracking_summary
 
-from amid_ray.search import collect_trials
-from amid_ray.tracking import tracking_summary
+from amid_ray.results import collect_trials
 from amid_ray.training import read_outcome
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,9 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, search_co
     )
     try:
         finished = _wait_for_finished_trial(search_dir, driver, timeout=400)
-        time.sleep(12)  # let Tune snapshot the experiment once more (every ~10 s)
+        # Kill only once Tune's own snapshot holds them as finished, as it would in real life
+        # some seconds after they end (Tune snapshots about every 10 s).
+        _wait_for_tune_snapshot(search_dir, finished, driver, timeout=120)
         os.kill(driver.pid, signal.SIGKILL)  # the real driver, abruptly
         driver.wait(timeout=30)
     finally:
@@ -93,3 +95,44 @@ def _wait_for_finished_trial(search_dir: Path, driver, timeout: float) -> list[s
             return finished
         time.sleep(1)
     raise AssertionError("no trial finished in time")
+
+
+def _wait_for_tune_snapshot(search_dir: Path, trial_ids: list[str], driver,
+                            timeout: float) -> None:
+    """Wait until Tune's snapshot in the search folder has `trial_ids` TERMINATED, then for the
+    snapshot after it: Tune copies its snapshot files (experiment state, searcher state) into the
+    folder one by one, and starts the next copy only when the previous one is complete."""
+    deadline = time.monotonic() + timeout
+    carried_by = None  # the version of the snapshot files that first had them finished
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        version = _snapshot_version(search_dir)
+        if carried_by is None:
+            finished = set(trial_ids) <= _terminated_in_tune_snapshot(search_dir)
+            if finished and _snapshot_version(search_dir) == version:  # read one version
+                carried_by = version
+        elif version != carried_by:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no complete Tune snapshot recorded {trial_ids} as finished in time")
+
+
+def _snapshot_version(search_dir: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns
+            for path in search_dir.glob("experiment_state-*.json")}
+
+
+def _terminated_in_tune_snapshot(search_dir: Path) -> set[str]:
+    """Trial ids with status TERMINATED in `experiment_state-*.json` (Tune's restore file:
+    `trial_data` is a list of [trial state as a JSON string, run metadata])."""
+    terminated = set()
+    for path in search_dir.glob("experiment_state-*.json"):
+        try:
+            trial_data = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being written right now
+            continue
+        for trial_state, _ in trial_data:
+            state = json.loads(trial_state)
+            if state["status"] == "TERMINATED":
+                terminated.add(state["trial_id"])
+    return terminated

@@ -11,12 +11,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from amid_ray.config import config_from_dict
 from amid_ray.data import IGNORE_INDEX
 from amid_ray.losses import amid_token_losses
+from amid_ray.schedule import learning_rate_factor, micro_batches
 from amid_ray.worker import (
     Objective,
     distillation_losses,
     language_modelling_loss,
-    learning_rate_factor,
-    micro_batches,
     response_mask,
 )
 
@@ -60,6 +59,8 @@ def test_learning_rate_schedules():
     assert math.isclose(learning_rate_factor(12, warmup=4, total=20, schedule="cosine"), 0.5)
     assert math.isclose(learning_rate_factor(12, warmup=4, total=20, schedule="linear"), 0.5)
     assert learning_rate_factor(19, warmup=0, total=20, schedule="constant") == 1.0
+    with pytest.raises(ValueError, match="cosine"):
+        learning_rate_factor(3, warmup=0, total=20, schedule="cosin")
 
 
 @pytest.mark.parametrize("kd_ratio", [1.0, 0.25])

@@ -1,13 +1,8 @@
-"""The embedded demo: synthetic instruction data, a small GPT-2 teacher and a weaker student.
+"""Building the demo once into a cache folder: data splits, tokenizer, teacher and student.
 
-What a fresh user's first command runs, offline: the tasks come from `amid_ray.demo_tasks`, the
-tokenizer is the real GPT-2 one, and both models are trained here from random weights with a
-plain cross-entropy loop on response tokens. The teacher is trained to be useful; the student
-only gets a short warm-up, like the paper's briefly fine-tuned "init" students, so it is weak
-but not random and distillation has room to help.
-
-Everything is built once into a cache folder and reused. A build writes into a hidden staging
-folder that is renamed into place at the end, so a folder that exists is complete; a lock file
+The teacher is trained to be useful; the student only gets a short warm-up, like the paper's
+briefly fine-tuned "init" students, so it is weak but not random and distillation has room to
+help. A build happens inside `atomic_folder`, so a folder that exists is complete; a lock file
 makes concurrent callers wait for one build instead of racing.
 """
 
@@ -17,29 +12,27 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
-import random
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM
 
-from amid_ray.data import IGNORE_INDEX, TrainingCollator, encode_example, load_examples
-from amid_ray.demo_tasks import write_demo_splits
+from amid_ray.atomic import atomic_folder
+from amid_ray.data import encode_example, load_examples
+from amid_ray.demo.models import fresh_gpt2, load_gpt2_tokenizer
+from amid_ray.demo.tasks import write_demo_splits
+from amid_ray.demo.training import Report, TrainingRun, train_on_responses
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
-from amid_ray.models import fresh_gpt2, load_gpt2_tokenizer, save_model
+from amid_ray.models import save_model
 
 # Bump when the build changes in a way the recipe does not show, so old caches are not reused.
-BUILD_FORMAT = 1
+# 2: training batches come from the worker's `micro_batches` (a different data order).
+BUILD_FORMAT = 2
 MANIFEST = "demo.json"
-
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -52,26 +45,14 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class TrainingRun:
-    """A cross-entropy run on response tokens: AdamW, linear warm-up, cosine decay to zero."""
-
-    steps: int
-    batch_size: int
-    learning_rate: float
-    warmup_steps: int
-    seed: int
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    log_every: int = 100
-
-
-@dataclass(frozen=True)
 class DemoRecipe:
     """Everything that decides the demo assets; the cache folder is named after its hash.
 
     The defaults build in about 140 s on 2 uncontended CPU cores (teacher ~115 s). On the 280
     test items the teacher scores ROUGE-L ~31 greedy / ~19 sampled, the init student ~4 / ~3
-    and a random student 0 (see `evaluate_demo_models`). Both models are saved without dropout.
+    and a random student 0 (see `evaluate_demo_models`; measured on build format 1, which
+    shuffled the training examples with another generator). Both models are saved without
+    dropout.
     """
 
     n_train: int = 6000
@@ -142,16 +123,11 @@ def build_demo_assets(
         return DemoAssets.in_folder(final)
     cache_dir.mkdir(parents=True, exist_ok=True)
     report = _printer(progress)
+    # Under the lock this process is the folder's only writer, as atomic_folder requires.
     with _exclusive_lock(cache_dir / ".demo.lock"):
         if not final.is_dir():
-            _remove_stale_builds(cache_dir, final.name)
-            staging = cache_dir / f".{final.name}.partial-{uuid.uuid4().hex[:12]}"
-            try:
+            with atomic_folder(final) as staging:
                 _build_into(staging, recipe, report)
-                staging.rename(final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
     return DemoAssets.in_folder(final)
 
 
@@ -171,12 +147,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _remove_stale_builds(cache_dir: Path, name: str) -> None:
-    """Staging folders left by interrupted builds (safe: the caller holds the lock)."""
-    for leftover in cache_dir.glob(f".{name}.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -208,7 +178,10 @@ def _build_into(folder: Path, recipe: DemoRecipe, report: Report) -> None:
         for role, shape, run in (("teacher", recipe.teacher, recipe.teacher_training),
                                  ("student", recipe.student, recipe.student_warmup)):
             role_started = time.monotonic()
-            model = _new_model(tokenizer, shape, recipe.n_positions, run.seed)
+            # No dropout: these runs are short, and dropout only slows them down.
+            model = fresh_gpt2(tokenizer, n_layer=shape.n_layer, n_embd=shape.n_embd,
+                               n_head=shape.n_head, n_positions=recipe.n_positions,
+                               seed=run.seed, dropout=False)
             train_on_responses(model, encoded, run, tokenizer.pad_token_id, _tagged(report, role))
             save_model(model, tokenizer, folder / role)
             seconds[role] = round(time.monotonic() - role_started, 1)
@@ -220,84 +193,6 @@ def _build_into(folder: Path, recipe: DemoRecipe, report: Report) -> None:
 
 def _tagged(report: Report, tag: str) -> Report:
     return lambda line: report(f"{tag}: {line}")
-
-
-def _new_model(tokenizer: PreTrainedTokenizerBase, shape: ModelShape, n_positions: int,
-               seed: int) -> GPT2LMHeadModel:
-    """A fresh GPT-2 without dropout: these runs are short, and dropout only slows them down."""
-    model = fresh_gpt2(tokenizer, n_layer=shape.n_layer, n_embd=shape.n_embd,
-                       n_head=shape.n_head, n_positions=n_positions, seed=seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    return model
-
-
-def _batches(count: int, run: TrainingRun) -> Iterator[list[int]]:
-    """`run.steps` batches of example indices, reshuffling with `run.seed` every epoch."""
-    rng = random.Random(run.seed)
-    order: list[int] = []
-    for _ in range(run.steps):
-        if len(order) < run.batch_size:
-            epoch = list(range(count))
-            rng.shuffle(epoch)
-            order.extend(epoch)
-        yield order[: run.batch_size]
-        del order[: run.batch_size]
-
-
-def _lr_factor(step: int, run: TrainingRun) -> float:
-    if step < run.warmup_steps:
-        return (step + 1) / run.warmup_steps
-    progress = (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def response_loss(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens.
-
-    The LM head runs only at positions whose next token is a response token: the prompt is most
-    of every sequence and a 50257-way head on it would cost more than the rest of the model.
-    """
-    hidden = model.transformer(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    scored = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[:, :-1][scored])
-    return torch.nn.functional.cross_entropy(logits, targets[scored])
-
-
-def train_on_responses(model: GPT2LMHeadModel, encoded: Sequence[dict[str, list[int]]],
-                       run: TrainingRun, pad_token_id: int, report: Report) -> None:
-    """Train `model` in place with cross-entropy on response tokens; seeded and repeatable.
-
-    Batch order and any dropout draw from `run.seed`; the caller's torch RNG is left untouched.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
-        _train_loop(model, encoded, run, pad_token_id, report)
-
-
-def _train_loop(model: GPT2LMHeadModel, encoded: Sequence[dict[str, list[int]]],
-                run: TrainingRun, pad_token_id: int, report: Report) -> None:
-    collate = TrainingCollator(pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.learning_rate,
-                                  weight_decay=run.weight_decay, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, run))
-    model.train()
-    started = time.monotonic()
-    for step, indices in enumerate(_batches(len(encoded), run), start=1):
-        loss = response_loss(model, collate([encoded[index] for index in indices]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        if step % run.log_every == 0 or step == run.steps:
-            report(f"step {step}/{run.steps} loss {loss.item():.3f} "
-                   f"({time.monotonic() - started:.0f} s)")
-    model.eval()
 
 
 def evaluate_demo_models(

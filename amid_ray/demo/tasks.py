@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from amid_ray.atomic import write_text_atomic
 from amid_ray.data import build_prompt
 
 
@@ -188,22 +187,26 @@ def compare_numbers(rng: random.Random) -> Task:
     return Task(f"Which number is smaller, {first} or {second}?", "", str(min(first, second)))
 
 
+def _look_up_words(rng: random.Random, table: dict[str, str], one_word: str,
+                   several_words: str) -> Task:
+    """One to three keys of `table` and their values; `one_word` asks about a single `{word}`."""
+    words = rng.sample(sorted(table), rng.randint(1, 3))
+    answer = _listing(table[word] for word in words)
+    if len(words) == 1:
+        return Task(one_word.format(word=words[0]), "", answer)
+    return Task(several_words, _listing(words), answer)
+
+
 def antonyms(rng: random.Random) -> Task:
     """Give the opposite of one to three words."""
-    words = rng.sample(sorted(ANTONYMS), rng.randint(1, 3))
-    answer = _listing(ANTONYMS[word] for word in words)
-    if len(words) == 1:
-        return Task(f'What is the opposite of the word "{words[0]}"?', "", answer)
-    return Task("Give the opposite of each word.", _listing(words), answer)
+    return _look_up_words(rng, ANTONYMS, 'What is the opposite of the word "{word}"?',
+                          "Give the opposite of each word.")
 
 
 def plurals(rng: random.Random) -> Task:
     """Give the plural of one to three nouns."""
-    nouns = rng.sample(sorted(PLURALS), rng.randint(1, 3))
-    answer = _listing(PLURALS[noun] for noun in nouns)
-    if len(nouns) == 1:
-        return Task(f'What is the plural of "{nouns[0]}"?', "", answer)
-    return Task("Write the plural form of each noun.", _listing(nouns), answer)
+    return _look_up_words(rng, PLURALS, 'What is the plural of "{word}"?',
+                          "Write the plural form of each noun.")
 
 
 def weekday_arithmetic(rng: random.Random) -> Task:
@@ -268,26 +271,14 @@ def generate_examples(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def _write_jsonl_atomically(rows: list[dict[str, str]], path: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_demo_splits(folder: str | Path, *, n_train: int, n_dev: int, n_test: int,
                       seed: int) -> dict[str, Path]:
     """Write disjoint, balanced, shuffled `train/dev/test.jsonl` splits into `folder`.
 
     The test split is carved first, so it stays the same when only `n_train` or `n_dev` change.
-    Each file is written to a temporary name and renamed, so it is either complete or absent.
+    Each file is written atomically (`amid_ray.atomic`): complete or absent.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rows = generate_examples(n_test + n_dev + n_train, seed)
     bounds = {"test": (0, n_test), "dev": (n_test, n_test + n_dev),
               "train": (n_test + n_dev, len(rows))}
@@ -295,6 +286,7 @@ def write_demo_splits(folder: str | Path, *, n_train: int, n_dev: int, n_test: i
     for split, (start, stop) in bounds.items():
         split_rows = rows[start:stop]
         random.Random(f"{seed}-{split}").shuffle(split_rows)
-        paths[split] = folder / f"{split}.jsonl"
-        _write_jsonl_atomically(split_rows, paths[split])
+        paths[split] = write_text_atomic(
+            folder / f"{split}.jsonl",
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows))
     return paths
