@@ -25,6 +25,7 @@ from amid_ray.errors import ConfigError
 from amid_ray.losses import PRESETS, AMiDSettings, is_degenerate
 from amid_ray.schedule import LR_SCHEDULES
 from amid_ray.search_space import SearchSpec, parse_search_section
+from amid_ray.taid import TAIDSchedule
 
 __all__ = ["ConfigError"]  # re-exported: every caller imports it from here
 
@@ -115,6 +116,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     lr: float = _help("peak learning rate (AdamW)", 5e-4)
+    min_lr: float = _help("learning rate at the end of a cosine or linear decay", 0.0)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", 0.01)
     max_steps: int = _help("optimizer steps in the run", 200)
     batch_size: int = _help("sequences per worker per micro-batch", 8)
@@ -131,6 +133,9 @@ class TrainConfig:
     def check(self, where: _Where) -> None:
         where.at_least("log_every", self.log_every, 0)
         where.positive("lr", self.lr)
+        where.at_least("min_lr", self.min_lr, 0.0)
+        if self.min_lr > self.lr:
+            where.fail("min_lr", self.min_lr, f"must not exceed lr ({self.lr})")
         where.at_least("weight_decay", self.weight_decay, 0.0)
         where.at_least("max_steps", self.max_steps, 1)
         where.at_least("batch_size", self.batch_size, 1)
@@ -154,6 +159,9 @@ class AMiDConfig:
     ab_alpha: float = _help("alpha of the ab divergence", 0.2)
     ab_beta: float = _help("beta of the ab divergence", 0.7)
     detach_assistant: bool = _help("stop the student's gradient inside the assistant (TAID)", False)
+    cross_entropy: bool = _help(
+        "kl only: report H(a, b) = KL(a‖b) + H(a) (the same gradient; the value TAID's schedule "
+        "reads)", False)
     preset: str | None = _help(
         f"a classic objective instead of the fields above: one of {sorted(PRESETS)}", None
     )
@@ -166,11 +174,8 @@ class AMiDConfig:
                 setattr(self, key, value)
         try:
             self.settings()  # the loss's own rules, in one place
-        except ValueError as error:  # "<argument> must be …": the argument is the field
-            key, _, rule = str(error).partition(" ")
-            if not hasattr(self, key):
-                key, rule = "(settings)", str(error)
-            where.fail(key, getattr(self, key, None), rule)
+        except ValueError as error:
+            where.fail_from(error, self)
         if is_degenerate(self.order, self.lam):
             where.fail("lam", self.lam, f"with order {self.order!r} the loss is identically 0 "
                        "(the assistant equals the model it is compared with)")
@@ -181,30 +186,60 @@ class AMiDConfig:
                                if f.name != "preset"})
 
 
-#: How the SGO replay ratio moves over a run (see `amid_ray.sgo.AdaptiveSGOScheduler`).
+#: How the share of fresh generations among student-generated steps moves over a run
+#: (`amid_ray.sgo.AdaptiveSGOScheduler`).
 REPLAY_SCHEDULES = ("constant", "increasing", "decreasing")
+#: Student-generated-output schemes: DistiLLM's adaptive one (AMiD, SKL, SRKL) and GKD's
+#: on-policy mixing.
+SGO_SCHEMES = ("adaptive", "mixed")
 
 
 @dataclass
 class SGOConfig:
-    enabled: bool = _help("train partly on student-generated outputs (DistiLLM's scheme)", False)
-    init_threshold: float = _help("initial probability of a student-generated step", 0.2)
-    loss_eps: float = _help("raise the threshold when dev loss exceeds the reference by this", 0.1)
-    replay_capacity: int = _help("replay buffer size (sequences)", 1000)
-    replay_ratio: float = _help("probability of replaying instead of generating", 0.5)
+    enabled: bool = _help("train partly on student-generated outputs", False)
+    scheme: str = _help(
+        "adaptive (DistiLLM: τ rises when the dev cross-entropy worsens) or mixed (GKD: "
+        "generate with probability mixed_alpha, train on a replayed batch)", "adaptive")
+    init_threshold: float = _help("adaptive: initial τ, the share of student-generated steps",
+                                  0.0)
+    loss_eps: float = _help(
+        "adaptive: raise τ by 0.1 when the dev cross-entropy reaches the reference plus this", 0.1)
+    replay_capacity: int = _help("replay buffer size (sequences, per worker)", 1000)
     replay_schedule: str = _help(
-        "replay ratio over the run: constant, increasing (0 → replay_ratio) or decreasing "
-        "(replay_ratio → 0)", "constant",
+        "adaptive: share g(t) of fresh generations among student steps over the run's progress "
+        "t: decreasing (1 - t, published), increasing (t) or constant (0.5)", "decreasing",
     )
+    mixed_alpha: float = _help("mixed: probability that a step generates", 0.5)
     max_new_tokens: int = _help("new tokens per student-generated answer", 256)
 
     def check(self, where: _Where) -> None:
+        where.one_of("scheme", self.scheme, SGO_SCHEMES)
         where.in_unit_interval("init_threshold", self.init_threshold)
         where.at_least("loss_eps", self.loss_eps, 0.0)
         where.at_least("replay_capacity", self.replay_capacity, 1)
-        where.in_unit_interval("replay_ratio", self.replay_ratio)
         where.one_of("replay_schedule", self.replay_schedule, REPLAY_SCHEDULES)
+        where.in_unit_interval("mixed_alpha", self.mixed_alpha)
         where.at_least("max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
+class TAIDConfig:
+    t_start: float = _help("TAID: interpolation t at the start of the run", 0.4)
+    t_end: float = _help("TAID: t at the end of the run", 1.0)
+    alpha: float = _help("TAID: step size of the adaptive update of t", 5e-4)
+    beta: float = _help("TAID: momentum of the relative loss change", 0.99)
+    adaptive: bool = _help("TAID: adapt t to the loss (false: linear from t_start to t_end)",
+                           True)
+
+    def check(self, where: _Where) -> None:
+        try:
+            self.schedule()  # the schedule's own rules, in one place
+        except ValueError as error:
+            where.fail_from(error, self)
+
+    def schedule(self) -> TAIDSchedule:
+        return TAIDSchedule(self.t_start, self.t_end, self.alpha, self.beta,
+                            adaptive=self.adaptive)
 
 
 @dataclass
@@ -216,10 +251,14 @@ class EvalConfig:
     greedy: bool = _help("greedy decoding instead of the paper's sampling (temperature 1)", False)
     batch_size: int = _help("prompts per generation batch", 8)
     seed: int = _help("sampling seed of evaluation rounds", 10)
+    no_repeat_ngram_size: int = _help(
+        "n-gram blocking of evaluation-round generation (0: none, as the published training "
+        "runs; the final evaluation protocol blocks 6-grams)", 0)
 
     def check(self, where: _Where) -> None:
         for key in ("every", "num_examples", "max_new_tokens", "batch_size"):
             where.at_least(key, getattr(self, key), 1)
+        where.at_least("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
 
 
 #: Storage precisions of cached teacher log-probabilities.
@@ -269,6 +308,7 @@ class RunConfig:
     train: TrainConfig = _help("optimisation", factory=TrainConfig)
     amid: AMiDConfig = _help("the AMiD objective", factory=AMiDConfig)
     sgo: SGOConfig = _help("student-generated outputs", factory=SGOConfig)
+    taid: TAIDConfig = _help("TAID's interpolation schedule (preset taid)", factory=TAIDConfig)
     eval: EvalConfig = _help("evaluation rounds", factory=EvalConfig)
     cache: CacheConfig = _help("the shared teacher-output cache", factory=CacheConfig)
     resources: ResourcesConfig = _help("workers and storage", factory=ResourcesConfig)
@@ -310,6 +350,13 @@ class _Where:
 
     def fail(self, key: str, value: Any, allowed: str) -> typing.NoReturn:
         raise ConfigError(self.source, f"{self.section}.{key}", value, allowed)
+
+    def fail_from(self, error: ValueError, section: Any) -> typing.NoReturn:
+        """Re-raise a library's "<argument> must be …" error against the field of that name."""
+        key, _, rule = str(error).partition(" ")
+        if not hasattr(section, key):
+            key, rule = "(settings)", str(error)
+        self.fail(key, getattr(section, key, None), rule)
 
     def one_of(self, key: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
@@ -413,6 +460,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         raise ConfigError(source, "name", name, "must be a folder name: letters, digits, '.', "
                           "'_' and '-', starting with a letter or digit")
+    raw = _with_preset_recipe(raw, source)
     search = raw.get("search")
     if search is not None and not isinstance(search, dict):
         raise ConfigError(source, "search", search, "must be a mapping")
@@ -421,6 +469,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
         for key, cls in SECTIONS.items()
     }
     _check_lm_loss(sections["data"], sections["train"], source)
+    sgo, train = sections["sgo"], sections["train"]
+    if sgo.enabled and sgo.replay_capacity < train.batch_size:
+        raise ConfigError(source, "sgo.replay_capacity", sgo.replay_capacity,
+                          f"must hold at least one batch (train.batch_size = {train.batch_size})")
     run = RunConfig(name=name, search=search, source=source, **sections)
     base = run.to_dict()
     run.search_spec = parse_search_section(
@@ -428,6 +480,47 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
         check_point=lambda point: point_config(base, point, source="search point"),
     )
     return run
+
+
+#: What each classic objective's authors ran besides its loss (docs/RECIPE.md, with the scripts):
+#: these settings win over the run's. The learning rate stays the run's: a search compares
+#: objectives at the rates it searches.
+_DISTILLM_SGO = {"sgo.enabled": True, "sgo.scheme": "adaptive", "sgo.init_threshold": 0.0,
+                 "sgo.loss_eps": 0.1, "sgo.replay_capacity": 1000,
+                 "sgo.replay_schedule": "decreasing", "train.lm_weight": 1.0}
+PRESET_RECIPES: dict[str, dict[str, Any]] = {
+    "kd": {"sgo.enabled": False, "train.lm_weight": 0.0},
+    "rkl": {"sgo.enabled": False, "train.lm_weight": 0.0},
+    "skl": _DISTILLM_SGO,
+    "srkl": _DISTILLM_SGO,
+    "gkd": {"sgo.enabled": True, "sgo.scheme": "mixed", "sgo.mixed_alpha": 0.5,
+            "sgo.replay_capacity": 1000, "train.lm_weight": 0.0},
+    "taid": {"sgo.enabled": False, "train.lm_weight": 0.0, "taid.t_start": 0.4,
+             "taid.t_end": 1.0, "taid.alpha": 5e-4, "taid.beta": 0.99, "taid.adaptive": True},
+    "abkd": {"sgo.enabled": False, "train.lm_weight": 1.0},
+}
+
+
+def _with_preset_recipe(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """`raw` with its preset's recipe applied (a copy; unchanged without a known preset).
+
+    The language-modelling loss follows the recipe where it can: a recipe without it drops the
+    run's corpus; a recipe with it uses the run's corpus, and without one the run has none.
+    """
+    amid = raw.get("amid")
+    preset = amid.get("preset") if isinstance(amid, dict) else None
+    if not isinstance(preset, str) or preset not in PRESET_RECIPES:
+        return raw
+    raw = copy.deepcopy(raw)
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for key, value in PRESET_RECIPES[preset].items():
+        if key == "train.lm_weight":
+            if value == 0:
+                set_dotted(raw, "data.lm_corpus", None, source=source)
+            elif data.get("lm_corpus") is None:
+                continue
+        set_dotted(raw, key, value, source=source)
+    return raw
 
 
 def _check_lm_loss(data: DataConfig, train: TrainConfig, source: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -56,11 +57,25 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Reference]) -> floa
     return 100.0 * sum(scores) / len(scores)
 
 
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """The answer as exact match compares it, as released (`rouge_metric.normalize_answer` of
+    AMiD / DistiLLM / MiniLLM, SQuAD's without removing articles): lower-cased, ASCII
+    punctuation (`string.punctuation`) removed, runs of whitespace collapsed to one space and
+    the ends stripped."""
+    lowered = text.lower()
+    without_punctuation = "".join(char for char in lowered if char not in _PUNCTUATION)
+    return " ".join(without_punctuation.split())
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> float:
-    """Percentage of items whose stripped prediction equals any stripped reference."""
+    """Percentage of items whose normalised prediction equals any normalised reference
+    (`normalize_answer`)."""
     lists = _reference_lists(predictions, references)
     hits = [
-        any(prediction.strip() == reference.strip() for reference in refs)
+        any(normalize_answer(prediction) == normalize_answer(reference) for reference in refs)
         for prediction, refs in zip(predictions, lists, strict=True)
     ]
     return 100.0 * sum(hits) / len(hits)

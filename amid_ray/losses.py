@@ -8,9 +8,10 @@ the normalised power mean
     alpha ≠ 1:  r ∝ (lam·p^k + (1 - lam)·q^k)^(1/k)
     alpha = 1:  r ∝ p^lam · q^(1 - lam)
 
-and the loss is a divergence between one of p, q and r (the `order`), summed over the vocabulary
-and averaged over the tokens that count. Everything is computed in log space in float32 (float64
-stays float64). Entries where either model's logit is -inf contribute 0 to the per-token sum.
+and the loss is a divergence between one of p, q and r (the `order`; `js` weighs both p and q
+against r), summed over the vocabulary and averaged over the tokens that count. Everything is
+computed in log space in float32 (float64 stays float64). Entries where either model's logit
+is -inf contribute 0 to the per-token sum.
 
 This module imports only torch. The math lives in plain tensor functions; memory-bounded
 evaluation over tokens is the separate mechanism in `chunked_loss`.
@@ -28,10 +29,11 @@ import torch
 from amid_ray.chunked_loss import DEFAULT_CHUNK_ELEMENTS, chunked_token_loss, rows_per_chunk
 
 Divergence = Literal["kl", "ab"]
-Order = Literal["pr", "qr", "rp", "rq"]
+Order = Literal["pr", "qr", "rp", "rq", "js"]
 
 DIVERGENCES: tuple[str, ...] = ("kl", "ab")
-ORDERS: tuple[str, ...] = ("pr", "qr", "rp", "rq")
+#: `js` is the generalized Jensen-Shannon form lam·D(p‖r) + (1-lam)·D(q‖r) (GKD's loss).
+ORDERS: tuple[str, ...] = ("pr", "qr", "rp", "rq", "js")
 
 # Below this |k| the plain power-mean formula loses precision to cancellation (it divides a
 # log-sum-exp of size O(k) by k); a series-stable form is used instead.
@@ -49,6 +51,8 @@ def validate_settings(
     order: str = "pr",
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
+    detach_assistant: bool = False,
+    cross_entropy: bool = False,
 ) -> None:
     """Raise `ValueError` naming the argument, its value and what is allowed."""
     if not isinstance(alpha, int | float) or not math.isfinite(alpha):
@@ -65,12 +69,25 @@ def validate_settings(
                 raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
         if ab_alpha + ab_beta == 0:
             raise ValueError(f"ab_alpha + ab_beta must be non-zero, got {ab_alpha!r} + {ab_beta!r}")
+    if cross_entropy:
+        if divergence != "kl":
+            raise ValueError(f"cross_entropy is a form of the kl divergence, got divergence "
+                             f"{divergence!r}")
+        if not (order == "pr" or (order in ("rp", "rq") and detach_assistant)):
+            raise ValueError(
+                "cross_entropy drops the entropy of the first argument, which must carry no "
+                "student gradient (order 'pr', or 'rp'/'rq' with detach_assistant), got "
+                f"order {order!r} with detach_assistant={detach_assistant!r}"
+            )
 
 
 def is_degenerate(order: str, lam: float) -> bool:
     """True when the loss is identically 0 (nothing to learn): the assistant equals the model
-    it is compared with (`pr`/`rp` with lam = 1, `qr`/`rq` with lam = 0)."""
-    return (order in ("pr", "rp") and lam == 1.0) or (order in ("qr", "rq") and lam == 0.0)
+    it is compared with (`pr`/`rp` with lam = 1, `qr`/`rq` with lam = 0, `js` with either)."""
+    return (
+        (order in ("pr", "rp", "js") and lam == 1.0)
+        or (order in ("qr", "rq", "js") and lam == 0.0)
+    )
 
 
 # --------------------------------------------------------------------------- the mixture
@@ -157,6 +174,11 @@ def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return log_a.exp() * (log_a - log_b)
 
 
+def cross_entropy_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-entry terms of the cross-entropy H(a, b) = -Σ_v a_v log b_v = KL(a‖b) + H(a)."""
+    return -log_a.exp() * log_b
+
+
 def ab_terms(
     log_a: torch.Tensor, log_b: torch.Tensor, *, ab_alpha: float, ab_beta: float
 ) -> torch.Tensor:
@@ -188,14 +210,19 @@ def amid_token_losses(
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
     detach_assistant: bool = False,
+    cross_entropy: bool = False,
 ) -> torch.Tensor:
     """Per-token AMiD divergence `[...]` for logits `[..., V]` (no chunking, no masking).
 
-    `order` picks the arguments: pr → D(p‖r), qr → D(q‖r), rp → D(r‖p), rq → D(r‖q), with
-    D = KL (`kl`) or the alpha-beta divergence (`ab`). With `detach_assistant` the student
-    enters r without gradient (TAID's stop-gradient); the student still gets gradient through
-    q in the `qr`/`rq` orders. Computed in float32, or float64 if either input is float64.
-    Entries where either logit is -inf add 0.
+    `order` picks the arguments: pr → D(p‖r), qr → D(q‖r), rp → D(r‖p), rq → D(r‖q), and
+    js → lam·D(p‖r) + (1-lam)·D(q‖r) (each model weighted by its share of the mixture: with
+    alpha = -1 the generalized Jensen-Shannon divergence of GKD), with D = KL (`kl`) or the
+    alpha-beta divergence (`ab`). With `detach_assistant` the student enters r without gradient
+    (TAID's stop-gradient); the student still gets gradient through q in the `qr`/`rq` orders.
+    `cross_entropy` (kl only, and only where the first argument carries no student gradient)
+    returns H(a, b) = KL(a‖b) + H(a) instead: the same gradient, the value TAID's and DistiLLM's
+    code report (TAID's adaptive schedule reads that value). Computed in float32, or float64 if
+    either input is float64. Entries where either logit is -inf add 0.
     """
     compute_dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
@@ -205,20 +232,28 @@ def amid_token_losses(
     log_r = assistant_logprobs(
         log_p, log_q.detach() if detach_assistant else log_q, alpha=alpha, lam=lam
     )
-    log_a, log_b = {
-        "pr": (log_p, log_r),
-        "qr": (log_q, log_r),
-        "rp": (log_r, log_p),
-        "rq": (log_r, log_q),
-    }[order]
     masked = torch.isneginf(log_p) | torch.isneginf(log_q)
     has_masked = bool(masked.any())
-    if has_masked:  # finite stand-ins, so the discarded entries cannot send NaN gradients
-        log_a, log_b = log_a.masked_fill(masked, 0.0), log_b.masked_fill(masked, 0.0)
-    if divergence == "kl":
-        terms = kl_terms(log_a, log_b)
+
+    def divergence_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+        if has_masked:  # finite stand-ins, so the discarded entries cannot send NaN gradients
+            log_a, log_b = log_a.masked_fill(masked, 0.0), log_b.masked_fill(masked, 0.0)
+        if cross_entropy:
+            return cross_entropy_terms(log_a, log_b)
+        if divergence == "kl":
+            return kl_terms(log_a, log_b)
+        return ab_terms(log_a, log_b, ab_alpha=ab_alpha, ab_beta=ab_beta)
+
+    if order == "js":
+        terms = lam * divergence_terms(log_p, log_r) + (1.0 - lam) * divergence_terms(log_q, log_r)
     else:
-        terms = ab_terms(log_a, log_b, ab_alpha=ab_alpha, ab_beta=ab_beta)
+        log_a, log_b = {
+            "pr": (log_p, log_r),
+            "qr": (log_q, log_r),
+            "rp": (log_r, log_p),
+            "rq": (log_r, log_q),
+        }[order]
+        terms = divergence_terms(log_a, log_b)
     if has_masked:
         terms = terms.masked_fill(masked, 0.0)
     return terms.sum(-1)
@@ -236,6 +271,7 @@ def amid_loss(
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
     detach_assistant: bool = False,
+    cross_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """The AMiD objective: mean over the masked-in tokens of the per-token divergence.
@@ -253,6 +289,8 @@ def amid_loss(
         order=order,
         ab_alpha=ab_alpha,
         ab_beta=ab_beta,
+        detach_assistant=detach_assistant,
+        cross_entropy=cross_entropy,
     )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -275,6 +313,7 @@ def amid_loss(
         ab_alpha=ab_alpha,
         ab_beta=ab_beta,
         detach_assistant=detach_assistant,
+        cross_entropy=cross_entropy,
     )
     total = chunked_token_loss(
         token_loss,
@@ -300,6 +339,7 @@ class AMiDSettings:
     ab_alpha: float = 0.2
     ab_beta: float = 0.7
     detach_assistant: bool = False
+    cross_entropy: bool = False
 
     def __post_init__(self) -> None:
         validate_settings(
@@ -309,6 +349,8 @@ class AMiDSettings:
             order=self.order,
             ab_alpha=self.ab_alpha,
             ab_beta=self.ab_beta,
+            detach_assistant=self.detach_assistant,
+            cross_entropy=self.cross_entropy,
         )
 
     def as_kwargs(self) -> dict:
@@ -322,15 +364,22 @@ PRESETS: dict[str, AMiDSettings] = {
     "rkl": AMiDSettings(alpha=-1.0, lam=1.0, divergence="kl", order="qr"),
     "skl": AMiDSettings(alpha=-1.0, lam=0.1, divergence="kl", order="pr"),
     "srkl": AMiDSettings(alpha=-1.0, lam=0.9, divergence="kl", order="qr"),
-    # TAID's interpolation r = softmax(t·z_p + (1-t)·sg(z_q)) at a fixed t = 0.5 (no schedule).
-    "taid": AMiDSettings(alpha=1.0, lam=0.5, divergence="kl", order="rq", detach_assistant=True),
+    # DistiLLM's js_distance (lam=0.9 on the student there): m = 0.1·p + 0.9·q,
+    # loss = 0.1·KL(p‖m) + 0.9·KL(q‖m).
+    "gkd": AMiDSettings(alpha=-1.0, lam=0.1, divergence="kl", order="js"),
+    # TAID: r = softmax(t·z_p + (1-t)·sg(z_q)), loss -Σ r log q. lam is t, which the trainer
+    # replaces every step with `taid.TAIDSchedule.t`; 0.4 is TAID's default t_start.
+    "taid": AMiDSettings(
+        alpha=1.0, lam=0.4, divergence="kl", order="rq", detach_assistant=True,
+        cross_entropy=True,
+    ),
     "abkd": AMiDSettings(alpha=-1.0, lam=0.0, divergence="ab", order="pr"),
 }
 
 
 def preset(name: str) -> AMiDSettings:
-    """The AMiD settings of a classic objective by name (`kd`, `rkl`, `skl`, `srkl`, `taid`,
-    `abkd`)."""
+    """The AMiD settings of a classic objective by name (`kd`, `rkl`, `skl`, `srkl`, `gkd`,
+    `taid`, `abkd`)."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -1,15 +1,18 @@
-"""Student-generated outputs (SGO): DistiLLM's adaptive off-policy scheme, as used by AMiD.
+"""Student-generated outputs (SGO): DistiLLM's off-policy schemes, as AMiD's released code runs
+them.
 
-Each training step the scheduler picks one of three data sources (spec §4):
+Each training micro-batch comes from one of these sources (AMID_SPEC §4):
 
 - "ground_truth": the dataset batch as it is;
 - "generate": the student answers the batch's prompts by sampling; the encoded answers are
-  trained on and pushed to the replay buffer;
-- "replay": a batch is drawn uniformly from the replay buffer.
+  trained on and pushed to the per-worker replay buffer;
+- "replay": a batch drawn uniformly from the replay buffer;
+- "generate_and_replay" (the `mixed` scheme of GKD / ImitKD only): fresh answers are pushed to
+  the buffer and the step trains on a batch drawn from the buffer.
 
-A step uses student-generated data with probability τ (the adaptive threshold). τ starts at
-`init_threshold` and rises by `step_size` (capped at `max_threshold`) after every evaluation
-whose dev loss exceeds the first evaluation's dev loss by more than `loss_eps`.
+`AdaptiveSGOScheduler` is the `adaptive` scheme (AMiD's and DistiLLM's main scripts);
+`MixedSGOScheduler` is the `mixed` scheme (DistiLLM's GKD and ImitKD scripts). Both follow
+`finetune.py` of github.com/aailab-kaist/AMiD (identical in github.com/jongwooko/distillm).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from amid_ray.config import REPLAY_SCHEDULES
 from amid_ray.data import InstructionExample, encode_example
 from amid_ray.evaluation import GenerationSettings, generate_responses
 
-SGOChoice = Literal["ground_truth", "generate", "replay"]
+SGOChoice = Literal["ground_truth", "generate", "replay", "generate_and_replay"]
 EncodedSequence = dict[str, list[int]]
 
 _SEQUENCE_KEYS = ("input_ids", "labels")
@@ -91,6 +94,11 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def full(self) -> bool:
+        """Whether the buffer holds `capacity` sequences (adaptive SGO replays only then)."""
+        return len(self._items) >= self.capacity
+
     def push(self, items: Iterable[Mapping[str, Sequence[int]]]) -> None:
         """Append `items` in order (each with `input_ids` and `labels`), evicting the oldest."""
         self._items.extend(_encoded_copy(item) for item in items)
@@ -130,19 +138,32 @@ class ReplayBuffer:
 
 
 class AdaptiveSGOScheduler:
-    """Chooses each step's data source; raises the threshold τ when the dev loss worsens.
+    """DistiLLM's adaptive SGO as released: picks each step's source, raises τ when the dev
+    cross-entropy worsens.
 
-    Schedule per `choose` call: draw u ~ U(0, 1) and v ~ U(0, 1) from the seeded generator
-    (always both, so the sequence of u does not depend on the buffer). If u >= τ the step uses
-    the ground truth. Otherwise it uses student-generated data: "replay" when replay is
-    possible and v < ρ, else "generate". So with a usable buffer P(generate) = τ (1 - ρ) and
-    P(replay) = τ ρ.
+    Per `choose` call, with one draw u ~ U(0, 1) and the run's progress t ∈ [0, 1]:
 
-    The replay ratio ρ follows `replay_schedule` over the run's progress t ∈ [0, 1]: "constant"
-    (ρ = `replay_ratio`), "increasing" (ρ = `replay_ratio`·t: fresh answers early, when the
-    buffer holds only the first, weakest student's outputs) or "decreasing"
-    (ρ = `replay_ratio`·(1 - t)). `replay_ratio` is not fixed by the spec; 0.5 splits student
-    steps evenly between fresh and replayed outputs.
+        g(t) = 1 - t (`decreasing`, the released default), t (`increasing`), 0.5 (`constant`)
+        "generate"      if u < τ·g(t), or if u < τ while the replay buffer is not full
+        "replay"        else if u < τ
+        "ground_truth"  otherwise
+
+    So a student-generated step happens with probability τ; until the buffer first fills every
+    such step generates, afterwards a share g(t) of them generates and the rest replays
+    (`decreasing`: generation falls and replay rises over the run).
+
+    τ (`threshold`) starts at `init_threshold`. `observe_eval` takes the student's plain
+    next-token cross-entropy on the dev ground truth; its first call (the evaluation before the
+    first step) sets the reference. After that, when dev_ce >= reference + `loss_eps`, τ rises by
+    `step_size` (capped at `max_threshold`) and the reference becomes this dev_ce.
+
+    Source (github.com/aailab-kaist/AMiD, `finetune.py`, `finetune()`): `prev_avg_loss` is
+    `evaluate()`'s return (mean dev cross-entropy) measured before the epoch loop; after each
+    evaluation `if curr_avg_loss >= prev_avg_loss + args.loss_eps: adaptive_threshold += 0.1;
+    adaptive_threshold = min(adaptive_threshold, 1.0); prev_avg_loss = curr_avg_loss`; per step
+    `samp_threshold = adaptive_threshold * g(global_step / args.total_iters)` and `r =
+    np.random.uniform(0, 1)` choose the source as above with `len(replay_buffer) <
+    args.capacity`. `step_size` and `max_threshold` are the hard-coded 0.1 and 1.0 there.
     """
 
     def __init__(
@@ -153,14 +174,12 @@ class AdaptiveSGOScheduler:
         loss_eps: float = 0.1,
         step_size: float = 0.1,
         max_threshold: float = 1.0,
-        replay_ratio: float = 0.5,
-        replay_schedule: str = "constant",
+        replay_schedule: str = "decreasing",
     ) -> None:
         _check_range("max_threshold", max_threshold, 0.0, 1.0)
         _check_range("init_threshold", init_threshold, 0.0, max_threshold)
         _check_range("loss_eps", loss_eps, 0.0, math.inf)
         _check_range("step_size", step_size, 0.0, 1.0)
-        _check_range("replay_ratio", replay_ratio, 0.0, 1.0)
         if replay_schedule not in REPLAY_SCHEDULES:
             raise ValueError(f"replay_schedule must be one of {list(REPLAY_SCHEDULES)}, "
                              f"got {replay_schedule!r}")
@@ -168,50 +187,50 @@ class AdaptiveSGOScheduler:
         self.loss_eps = loss_eps
         self.step_size = step_size
         self.max_threshold = max_threshold
-        self.replay_ratio = replay_ratio
         self.replay_schedule = replay_schedule
         self.threshold = float(init_threshold)
-        self.reference_loss: float | None = None
+        self.reference_ce: float | None = None
         self._rng = random.Random(seed)
 
-    def replay_ratio_at(self, progress: float) -> float:
-        """ρ at `progress` (optimizer steps done / all steps, in [0, 1])."""
+    def generation_share(self, progress: float) -> float:
+        """g(t): the share of student steps that generate once the buffer is full."""
         _check_range("progress", progress, 0.0, 1.0)
         if self.replay_schedule == "increasing":
-            return self.replay_ratio * progress
+            return progress
         if self.replay_schedule == "decreasing":
-            return self.replay_ratio * (1.0 - progress)
-        return self.replay_ratio
+            return 1.0 - progress
+        return 0.5
 
-    def choose(self, can_replay: bool, progress: float = 0.0) -> SGOChoice:
-        """This step's data source. `can_replay`: the buffer can fill a batch (the trainer passes
-        `len(buffer) >= batch_size`); without it a student step always generates. `progress`:
-        the run's progress, for the replay-ratio schedule."""
-        ratio = self.replay_ratio_at(progress)
-        use_student = self._rng.random() < self.threshold
-        replay = self._rng.random() < ratio
-        if not use_student:
-            return "ground_truth"
-        return "replay" if can_replay and replay else "generate"
+    def choose(self, buffer_full: bool, progress: float) -> SGOChoice:
+        """This step's source. `buffer_full`: the replay buffer holds `capacity` items.
+        `progress`: t = optimizer step / all steps (the released code uses the 1-based index of
+        the step being taken, so t = 1/total on the first step and 1 on the last)."""
+        generate_below = self.threshold * self.generation_share(progress)
+        u = self._rng.random()
+        if u < generate_below or (u < self.threshold and not buffer_full):
+            return "generate"
+        if u < self.threshold:
+            return "replay"
+        return "ground_truth"
 
-    def observe_eval(self, dev_loss: float) -> float:
-        """Record an evaluation's dev loss and return the (possibly raised) threshold.
+    def observe_eval(self, dev_ce: float) -> float:
+        """Record an evaluation's dev cross-entropy and return the (possibly raised) τ.
 
-        The first call only sets the reference loss. Later calls raise τ by `step_size`, capped
-        at `max_threshold`, when dev_loss > reference + `loss_eps`; the reference stays fixed.
+        The first call (the pre-training evaluation) only sets the reference.
         """
-        _check_range("dev_loss", dev_loss, -math.inf, math.inf)
-        if self.reference_loss is None:
-            self.reference_loss = float(dev_loss)
-        elif dev_loss > self.reference_loss + self.loss_eps:
+        _check_range("dev_ce", dev_ce, -math.inf, math.inf)
+        if self.reference_ce is None:
+            self.reference_ce = float(dev_ce)
+        elif dev_ce >= self.reference_ce + self.loss_eps:
             self.threshold = min(self.threshold + self.step_size, self.max_threshold)
+            self.reference_ce = float(dev_ce)
         return self.threshold
 
     def state_dict(self) -> dict[str, Any]:
-        """Threshold, reference loss and generator state, as plain Python data."""
+        """τ, reference cross-entropy and generator state, as plain Python data."""
         return {
             "threshold": self.threshold,
-            "reference_loss": self.reference_loss,
+            "reference_ce": self.reference_ce,
             "rng": _rng_state(self._rng),
         }
 
@@ -219,8 +238,47 @@ class AdaptiveSGOScheduler:
         """Restore `state_dict()` output; later choices continue the saved sequence exactly."""
         _check_range("threshold", state["threshold"], 0.0, self.max_threshold)
         self.threshold = float(state["threshold"])
-        reference = state["reference_loss"]
-        self.reference_loss = None if reference is None else float(reference)
+        reference = state["reference_ce"]
+        self.reference_ce = None if reference is None else float(reference)
+        _restore_rng(self._rng, state["rng"])
+
+
+class MixedSGOScheduler:
+    """DistiLLM's `mixed` scheme (its GKD and ImitKD scripts, `--type mixed-*`): with
+    probability `mixed_alpha` a step generates fresh answers, pushes them to the replay buffer
+    and trains on a batch drawn from the buffer ("generate_and_replay"); otherwise it trains on
+    the ground truth. Nothing adapts: `observe_eval` leaves `threshold` (= `mixed_alpha`) as is.
+
+    Source: `finetune.py`, `if "mixed" in args.type and r < args.mixed_alpha:` (generate,
+    `move_to_memory`, then `replay_buffer.sample()`).
+    """
+
+    def __init__(self, mixed_alpha: float, *, seed: int) -> None:
+        _check_range("mixed_alpha", mixed_alpha, 0.0, 1.0)
+        _check_int("seed", seed, 0)
+        self.threshold = float(mixed_alpha)
+        self._rng = random.Random(seed)
+
+    def choose(self, buffer_full: bool, progress: float) -> SGOChoice:
+        """This step's source; `buffer_full` and `progress` do not matter to this scheme (they
+        keep the call the same as `AdaptiveSGOScheduler.choose`)."""
+        _check_range("progress", progress, 0.0, 1.0)
+        return "generate_and_replay" if self._rng.random() < self.threshold else "ground_truth"
+
+    def observe_eval(self, dev_ce: float) -> float:
+        """The scheme does not adapt; returns `mixed_alpha`."""
+        _check_range("dev_ce", dev_ce, -math.inf, math.inf)
+        return self.threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state, as plain Python data."""
+        return {"threshold": self.threshold, "rng": _rng_state(self._rng)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output; `mixed_alpha` is configuration and must match."""
+        if state["threshold"] != self.threshold:
+            raise ValueError(f"mixed_alpha in the state ({state['threshold']}) differs from this "
+                             f"scheduler's ({self.threshold})")
         _restore_rng(self._rng, state["rng"])
 
 

@@ -19,7 +19,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,12 @@ from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.models import freeze_teacher, save_model
 from amid_ray.schedule import learning_rate_factor, micro_batches
-from amid_ray.sgo import AdaptiveSGOScheduler, ReplayBuffer, generate_student_batch
+from amid_ray.sgo import (
+    AdaptiveSGOScheduler,
+    MixedSGOScheduler,
+    ReplayBuffer,
+    generate_student_batch,
+)
 from amid_ray.sources import load_models, load_train_dev
 
 #: Names of the metrics a worker reports each evaluation round (what Tune, the search and MLflow
@@ -61,9 +66,10 @@ LM_LOSS = "lm_loss"
 LEARNING_RATE = "lr"
 TOKENS_PER_S = "tokens_per_s"
 SGO_THRESHOLD = "sgo_threshold"
+TAID_T = "taid_t"
 #: The metrics worth a curve per trial (numeric, one value per evaluation round).
 CURVE_METRICS = (ROUGE_L, VAL_LOSS, DEV_CE, TRAIN_LOSS, DISTIL_LOSS, LM_LOSS, TOKENS_PER_S,
-                 LEARNING_RATE, SGO_THRESHOLD)
+                 LEARNING_RATE, SGO_THRESHOLD, TAID_T)
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -114,6 +120,10 @@ class Objective:
     @classmethod
     def of(cls, run: RunConfig) -> Objective:
         return cls(run.amid.settings(), run.train.kd_ratio)
+
+    def at_lam(self, lam: float) -> Objective:
+        """The same objective with the assistant's teacher weight moved (TAID's schedule)."""
+        return replace(self, settings=replace(self.settings, lam=lam))
 
 
 @dataclass
@@ -259,6 +269,7 @@ def dev_rouge_l(
     scores: list[float] = []
     if mine:
         settings = GenerationSettings(
+            no_repeat_ngram_size=run.eval.no_repeat_ngram_size,
             max_new_tokens=run.eval.max_new_tokens,
             max_prompt_length=run.data.max_prompt_length,
             batch_size=run.eval.batch_size,
@@ -308,6 +319,7 @@ class TrainerState:
     optimizer: dict[str, Any]
     sgo_scheduler: list[dict[str, Any]]
     replay: list[dict[str, Any]]
+    taid: list[dict[str, Any]] | None
     rng: list[dict[str, Any]]
 
     def save(self, folder: Path, student, tokenizer, dev_scores: list[float]) -> None:
@@ -387,15 +399,22 @@ class DistillationWorker:
         self.optimizer = _optimizer(self.model, run.train.lr, run.train.weight_decay)
 
         sgo = run.sgo
-        self.sgo_scheduler = AdaptiveSGOScheduler(
-            sgo.init_threshold, loss_eps=sgo.loss_eps, replay_schedule=sgo.replay_schedule,
-            seed=seed + self.rank)
+        if sgo.scheme == "mixed":
+            self.sgo_scheduler = MixedSGOScheduler(sgo.mixed_alpha, seed=seed + self.rank)
+        else:
+            self.sgo_scheduler = AdaptiveSGOScheduler(
+                sgo.init_threshold, loss_eps=sgo.loss_eps, replay_schedule=sgo.replay_schedule,
+                seed=seed + self.rank)
         self.replay = ReplayBuffer(sgo.replay_capacity, seed=seed + self.rank)
+        # TAID moves its interpolation weight (the assistant's lam) with the training loss.
+        self.taid = run.taid.schedule() if run.amid.preset == "taid" else None
         self.step, self.history = 0, []
         if restored is not None:  # resume exactly where the checkpoint left off
             self.optimizer.load_state_dict(restored.optimizer)
             self.sgo_scheduler.load_state_dict(restored.sgo_scheduler[self.rank])
             self.replay.load_state_dict(restored.replay[self.rank])
+            if self.taid is not None:
+                self.taid.load_state_dict(restored.taid[self.rank])
             _restore_rng(restored.rng[self.rank])
             self.step, self.history = restored.step, restored.history
         self.restored_step = self.step
@@ -456,9 +475,11 @@ class DistillationWorker:
 
     def _optimizer_step(self, window: _Window) -> None:
         run, accum = self.run, self.run.train.grad_accum
-        self.lr = run.train.lr * learning_rate_factor(
-            self.step, warmup=run.train.warmup_steps, total=run.train.max_steps,
-            schedule=run.train.schedule)
+        train = run.train
+        self.lr = train.min_lr + (train.lr - train.min_lr) * learning_rate_factor(
+            self.step, warmup=train.warmup_steps, total=train.max_steps, schedule=train.schedule)
+        objective = self.objective if self.taid is None else self.objective.at_lam(self.taid.t)
+        step_distil = 0.0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -466,10 +487,11 @@ class DistillationWorker:
             last = micro == accum - 1
             batch = self._next_batch()
             with self._sync_gradients(last and self.lm_batches is None):
-                losses = distillation_losses(self.model, self.teacher, batch, self.objective,
+                losses = distillation_losses(self.model, self.teacher, batch, objective,
                                              autocast_dtype=self.autocast_dtype)
                 (losses.total / accum).backward()
             window.loss += losses.total.item() / accum
+            step_distil += losses.distil.item() / accum
             window.distil += losses.distil.item() / accum
             window.tokens += int(batch["attention_mask"].sum())
             if self.lm_batches is not None:
@@ -485,6 +507,8 @@ class DistillationWorker:
         if run.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), run.train.max_grad_norm)
         self.optimizer.step()
+        if self.taid is not None:  # this rank's own loss, as TAID's released code reads it
+            self.taid.update(step_distil, progress=self.step / run.train.max_steps)
         self.step += 1
         window.steps += 1
 
@@ -497,13 +521,12 @@ class DistillationWorker:
         return {k: v.to(self.device) for k, v in self.collate(encoded).items()}
 
     def _student_generated_or_not(self, encoded, indices: list[int]):
+        # t counts the step being taken from 1, as the released code does.
         choice = self.sgo_scheduler.choose(
-            buffer_full=len(self.replay) >= self.replay.capacity,
-            progress=self.step / self.run.train.max_steps)
-        # Replay needs a batch's worth of stored answers; until then the step generates.
+            buffer_full=self.replay.full, progress=(self.step + 1) / self.run.train.max_steps)
         if choice == "ground_truth":
             return encoded
-        if choice == "replay" and len(self.replay) >= len(encoded):
+        if choice == "replay":  # the adaptive rule replays only from a full buffer
             return self.replay.sample(len(encoded))
         run = self.run
         generated = generate_student_batch(
@@ -513,6 +536,8 @@ class DistillationWorker:
             seed=run.train.seed + 1000 * self.step + self.rank,
         )
         self.replay.push(generated)
+        if choice == "generate_and_replay":  # GKD's mixing: train on a batch from the buffer
+            return self.replay.sample(len(encoded))
         return generated
 
     # -- evaluation and reports --------------------------------------------------------------
@@ -556,6 +581,8 @@ class DistillationWorker:
         if run.sgo.enabled:
             self.sgo_scheduler.observe_eval(metrics[DEV_CE])
         metrics[SGO_THRESHOLD] = self.sgo_scheduler.threshold
+        if self.taid is not None:
+            metrics[TAID_T] = self.taid.t
         return metrics
 
     def _report(self, metrics: dict[str, Any]) -> None:
@@ -564,6 +591,7 @@ class DistillationWorker:
             step=self.step, history=self.history, optimizer=self.optimizer.state_dict(),
             sgo_scheduler=_gather(self.sgo_scheduler.state_dict()),
             replay=_gather(self.replay.state_dict()), rng=_gather(_rng_state()),
+            taid=None if self.taid is None else _gather(self.taid.state_dict()),
         )
         with tempfile.TemporaryDirectory(prefix="amid-ckpt-") as folder:
             checkpoint = None

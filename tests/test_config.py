@@ -88,7 +88,7 @@ def test_presets_are_resolved_into_the_fields_at_parse_time():
         "srkl", -1.0, 0.9, "qr")
     assert run.amid.settings().as_kwargs() == {
         "alpha": -1.0, "lam": 0.9, "divergence": "kl", "order": "qr", "ab_alpha": 0.2,
-        "ab_beta": 0.7, "detach_assistant": False,
+        "ab_beta": 0.7, "detach_assistant": False, "cross_entropy": False,
     }
     assert config_from_dict(run.to_dict()).amid == run.amid
 
@@ -198,11 +198,17 @@ def test_shipped_search_spaces_are_valid(name, tiny_world):
     overrides = [] if name == "demo" else [
         f"models.teacher={tiny_world['teacher']}", f"models.student={tiny_world['student']}",
         f"data.train={tiny_world['train']}", f"data.dev={tiny_world['dev']}",
+        *([f"data.lm_corpus={tiny_world['corpus']}"] if name == "paper_gpt2" else []),
     ]
     run = load_config(ROOT / "search_spaces" / f"{name}.yaml", overrides)
     spec = run.search_spec
     if name == "paper_gpt2":
-        assert spec.is_grid and len(grid_points(spec)) == 5 + 7 * 2 * 4
+        assert spec.is_grid and len(grid_points(spec)) == 6 + 7 * 2 * 4
+        # The published 0.1B/1.5B run (docs/RECIPE.md): 20 epochs of 437 steps, one
+        # evaluation per epoch on all 1000 dev items, adaptive SGO from tau = 0, LM loss 1.
+        assert (run.train.max_steps, run.eval.every, run.eval.num_examples) == (8740, 437, 1000)
+        assert (run.sgo.enabled, run.sgo.init_threshold, run.train.lm_weight) == (True, 0.0, 1.0)
+        assert (run.amid.alpha, run.amid.lam, run.amid.divergence) == (0.5, 0.5, "ab")
     if name == "baselines":
         assert spec.baselines == ("kd", "rkl", "skl", "srkl", "taid", "abkd")
 
@@ -248,3 +254,39 @@ def test_search_section_shapes_that_used_to_be_misread(search, key, message):
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"search": search}, "space.yaml")
     assert caught.value.key == key and message in str(caught.value)
+
+
+def test_a_preset_carries_its_authors_recipe(tmp_path):
+    corpus = tmp_path / "owt.txt"
+    corpus.write_text("Some text.\n")
+    base = {"sgo": {"enabled": False}, "train": {"lm_weight": 1.0},
+            "data": {"lm_corpus": str(corpus)}}
+    # DistiLLM's SRKL: adaptive SGO (published settings) and the LM loss on the run's corpus.
+    srkl = config_from_dict(base | {"amid": {"preset": "srkl"}})
+    assert (srkl.sgo.enabled, srkl.sgo.scheme, srkl.sgo.init_threshold,
+            srkl.sgo.replay_schedule) == (True, "adaptive", 0.0, "decreasing")
+    assert (srkl.train.lm_weight, srkl.data.lm_corpus) == (1.0, str(corpus))
+    # KD: no student generation and no LM loss, whatever the run had.
+    kd = config_from_dict(base | {"sgo": {"enabled": True}, "amid": {"preset": "kd"}})
+    assert (kd.sgo.enabled, kd.train.lm_weight, kd.data.lm_corpus) == (False, 0.0, None)
+    # GKD: on-policy mixing with probability 0.5.
+    gkd = config_from_dict({"amid": {"preset": "gkd"}})
+    assert (gkd.sgo.enabled, gkd.sgo.scheme, gkd.sgo.mixed_alpha) == (True, "mixed", 0.5)
+    assert (gkd.amid.order, gkd.amid.lam, gkd.amid.alpha) == ("js", 0.1, -1.0)
+    # Without a corpus a recipe's LM loss cannot run: the run keeps none.
+    assert config_from_dict({"amid": {"preset": "abkd"}}).train.lm_weight == 0.0
+    # The run's learning rate stays (a search compares objectives at the rates it searches).
+    assert config_from_dict({"train": {"lr": 2e-3}, "amid": {"preset": "kd"}}).train.lr == 2e-3
+    # A trial point with a preset gets the recipe too.
+    point = point_config(config_from_dict(base).to_dict(), {"amid.preset": "kd"}, "trial")
+    assert (point.sgo.enabled, point.train.lm_weight) == (False, 0.0)
+
+
+def test_sgo_and_taid_sections_are_checked():
+    with pytest.raises(ConfigError, match="sgo.replay_capacity = 4: must hold at least one batch"):
+        config_from_dict({"sgo": {"enabled": True, "replay_capacity": 4},
+                          "train": {"batch_size": 8}})
+    with pytest.raises(ConfigError, match="sgo.scheme = 'online'"):
+        config_from_dict({"sgo": {"scheme": "online"}})
+    with pytest.raises(ConfigError, match=r"taid.t_end = 0.3: must be a number in \(0, 1\]"):
+        config_from_dict({"taid": {"t_start": 0.4, "t_end": 0.3}})

@@ -14,15 +14,16 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import amid_ray.evaluation as evaluation
 from amid_ray.data import InstructionExample, build_prompt, load_examples
+from amid_ray.demo import load_gpt2_tokenizer
 from amid_ray.evaluation import (
     EvalReport,
     GenerationSettings,
     SetScores,
     exact_match,
     generate_responses,
+    normalize_answer,
     rouge_l,
 )
-from amid_ray.models import load_gpt2_tokenizer
 
 INSTRUCT_DIR = Path(__file__).resolve().parents[2] / "shared/data/instruct"
 needs_instruct_data = pytest.mark.skipif(
@@ -86,12 +87,44 @@ def test_rouge_l_input_checks():
         rouge_l(["a", "b"], ["a", []])
 
 
-def test_exact_match_strips_and_accepts_any_reference():
-    predictions = [" Paris\n", "4", "blue", "no"]
-    references = ["Paris", ["four", "4 "], "Blue", ["yes"]]
-    assert exact_match(predictions, references) == 50.0
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        (" Paris\n", "paris"),
+        ("Cuts fear for 'most vulnerable' students in East Sussex.",
+         "cuts fear for most vulnerable students in east sussex"),
+        ("The  cat\tsat!", "the cat sat"),  # articles stay (unlike SQuAD's normaliser)
+        ("well-known (2021)", "wellknown 2021"),  # punctuation is deleted, not spaced
+        ("it\u2019s «fine»", "it\u2019s «fine»"),  # only ASCII punctuation is removed
+        (" ... ", ""),
+    ],
+)
+def test_normalize_answer_as_released(text, normalised):
+    assert normalize_answer(text) == normalised
+
+
+def test_exact_match_compares_normalised_answers_and_takes_any_reference():
+    predictions = [" Paris\n", "4", "BLUE!", "no", "The cat", "a  b\tc", "it\u2019s"]
+    references = ["Paris", ["four", "4 "], "blue", ["yes"], "cat", "a b c", "its"]
+    # hits: Paris, 4, blue, a b c; misses: no/yes, article kept, curly apostrophe kept
+    assert exact_match(predictions, references) == pytest.approx(100 * 4 / 7)
     with pytest.raises(ValueError, match="got 1 predictions but 2 references"):
         exact_match(["a"], ["a", "b"])
+
+
+@needs_instruct_data
+def test_exact_match_on_sni_answers_that_differ_in_case_and_punctuation():
+    items = [json.loads(line) for line in (INSTRUCT_DIR / "sinst_11__valid.jsonl").open()][:60]
+    references = [item["output"] for item in items]
+    # An answer as a model might write it: the first reference in upper case, with a full stop.
+    predictions = [refs[0].upper() + " ." for refs in references]
+    stripped_equal = sum(
+        any(pred.strip() == ref.strip() for ref in refs)
+        for pred, refs in zip(predictions, references, strict=True)
+    )
+    assert stripped_equal == 0  # what comparing stripped strings would score
+    assert exact_match(predictions, references) == 100.0
+    assert rouge_l(predictions, references) == pytest.approx(100.0)  # ROUGE-L already agreed
 
 
 @needs_instruct_data

@@ -21,7 +21,7 @@ from amid_ray.losses import (
 ALPHAS = (-5.0, -3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 LAMBDAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 AB_PAIRS = ((0.2, 0.7), (0.8, 0.3))
-ORDERS = ("pr", "qr", "rp", "rq")
+ORDERS = ("pr", "qr", "rp", "rq", "js")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -61,12 +61,20 @@ def reference_loss(
     ab_alpha=0.2,
     ab_beta=0.7,
     detach_assistant=False,
+    cross_entropy=False,
 ):
     q = torch.softmax(student_logits.double(), -1)
     p = torch.softmax(teacher_logits.double(), -1)
     r = reference_assistant(p, q.detach() if detach_assistant else q, alpha, lam)
-    a, b = {"pr": (p, r), "qr": (q, r), "rp": (r, p), "rq": (r, q)}[order]
-    per_token = reference_divergence(a, b, divergence, ab_alpha, ab_beta)
+    if order == "js":
+        per_token = lam * reference_divergence(p, r, divergence, ab_alpha, ab_beta) + (
+            1 - lam
+        ) * reference_divergence(q, r, divergence, ab_alpha, ab_beta)
+    else:
+        a, b = {"pr": (p, r), "qr": (q, r), "rp": (r, p), "rq": (r, q)}[order]
+        per_token = reference_divergence(a, b, divergence, ab_alpha, ab_beta)
+        if cross_entropy:  # H(a, b) = KL(a‖b) + H(a)
+            per_token = per_token - (a * a.log()).sum(-1)
     return per_token[mask].sum() / mask.sum()
 
 
@@ -114,7 +122,7 @@ def test_loss_matches_direct_formulas_on_the_whole_grid(dtype, tolerance, zero_f
         error = abs(got.double().item() - want.item())
         if error > tolerance * abs(want.item()) + zero_floor:
             failures.append((settings, got.item(), want.item()))
-    assert count == 4 * 10 * 5 * 3
+    assert count == 5 * 10 * 5 * 3
     assert not failures, failures[:5]
 
 
@@ -250,12 +258,17 @@ def test_presets_are_the_classic_objectives():
         s = x + y
         return (-(a**x * b**y - x / s * a**s - y / s * b**s).sum(-1) / (x * y))[mask].mean()
 
+    def cross_entropy(a, b):
+        return -(a * b.log()).sum(-1)[mask].mean()
+
+    m = 0.1 * p + 0.9 * q
     expected = {
         "kd": kl(p, q),
         "rkl": kl(q, p),
         "skl": kl(p, 0.1 * p + 0.9 * q),
         "srkl": kl(q, 0.9 * p + 0.1 * q),
-        "taid": kl(torch.softmax(0.5 * teacher + 0.5 * student, -1), q),
+        "gkd": 0.1 * kl(p, m) + 0.9 * kl(q, m),
+        "taid": cross_entropy(torch.softmax(0.4 * teacher + 0.6 * student, -1), q),
         "abkd": ab(p, q),
     }
     assert set(expected) == set(PRESETS)
@@ -264,12 +277,69 @@ def test_presets_are_the_classic_objectives():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0, msg=name)
 
 
+def distillm_js_distance(student_logits, teacher_logits, mask, lam=0.9):
+    """DistiLLM's `js_distance` (distillm/losses.py, GKD's `--type mixed-jsd`), from its formula:
+    m = (1 - lam)·p + lam·q, loss = lam·KL(q‖m) + (1 - lam)·KL(p‖m), token mean over the mask."""
+    p = torch.softmax(teacher_logits, -1)
+    q = torch.softmax(student_logits, -1)
+    log_m = ((1 - lam) * p + lam * q).log()
+    student_part = (q * (log_m - q.log())).sum(-1)
+    teacher_part = (p * (log_m - p.log())).sum(-1)
+    return -(lam * student_part + (1 - lam) * teacher_part)[mask].sum() / mask.sum()
+
+
+def test_gkd_preset_is_distillm_js_distance_in_value_and_gradient():
+    for seed in range(3):
+        student, teacher, mask = random_batch(20 + seed, scale=3.0)
+        s = student.clone().requires_grad_(True)
+        t = teacher.clone().requires_grad_(True)
+        got = amid_loss(s, t, mask, **preset("gkd").as_kwargs())
+        got_grads = torch.autograd.grad(got, (s, t))
+        s_ref = student.clone().requires_grad_(True)
+        t_ref = teacher.clone().requires_grad_(True)
+        want = distillm_js_distance(s_ref, t_ref, mask)
+        want_grads = torch.autograd.grad(want, (s_ref, t_ref))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-15)
+    # Not the AMiD copy's default (lam=0.1 there, i.e. m = 0.9·p + 0.1·q): GKD is DistiLLM's.
+    assert not math.isclose(got.item(), distillm_js_distance(student, teacher, mask, lam=0.1))
+
+
+def test_cross_entropy_form_adds_the_entropy_of_the_first_argument_only():
+    student, teacher, mask = random_batch(21)
+    p = torch.softmax(teacher, -1)
+    entropy = -(p * p.log()).sum(-1)[mask].mean()
+    s_kl = student.clone().requires_grad_(True)
+    s_ce = student.clone().requires_grad_(True)
+    kl = amid_loss(s_kl, teacher, mask, alpha=-1.0, lam=0.1, order="pr")
+    ce = amid_loss(s_ce, teacher, mask, alpha=-1.0, lam=0.1, order="pr", cross_entropy=True)
+    torch.testing.assert_close(ce, kl + entropy, rtol=1e-12, atol=0)
+    (kl_grad,) = torch.autograd.grad(kl, s_kl)
+    (ce_grad,) = torch.autograd.grad(ce, s_ce)
+    torch.testing.assert_close(ce_grad, kl_grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(order="qr"), "cross_entropy drops the entropy of the first argument"),
+        (dict(order="rq"), "cross_entropy drops .* got order 'rq' with detach_assistant=False"),
+        (dict(order="js"), "cross_entropy drops the entropy"),
+        (dict(order="pr", divergence="ab"), "cross_entropy is a form of the kl divergence"),
+    ],
+)
+def test_cross_entropy_form_refuses_settings_where_it_changes_the_gradient(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        validate_settings(alpha=0.0, lam=0.5, cross_entropy=True, **kwargs)
+
+
 def test_taid_preset_stops_gradient_through_the_assistant():
     student, teacher, mask = random_batch(8)
     s = student.clone().requires_grad_(True)
     amid_loss(s, teacher, mask, **preset("taid").as_kwargs()).backward()
     s_ref = student.clone().requires_grad_(True)
-    r = torch.softmax(0.5 * teacher + 0.5 * s_ref.detach(), -1)
+    r = torch.softmax(0.4 * teacher + 0.6 * s_ref.detach(), -1)
     log_q = torch.log_softmax(s_ref, -1)
     (r * (r.log() - log_q)).sum(-1)[mask].mean().backward()
     torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-10, atol=1e-15)
@@ -277,10 +347,12 @@ def test_taid_preset_stops_gradient_through_the_assistant():
 
 def test_degenerate_settings_are_flagged_and_zero():
     student, teacher, mask = random_batch(9)
-    for order, lam in (("pr", 1.0), ("rp", 1.0), ("qr", 0.0), ("rq", 0.0)):
+    for order, lam in (("pr", 1.0), ("rp", 1.0), ("qr", 0.0), ("rq", 0.0), ("js", 0.0),
+                       ("js", 1.0)):
         assert is_degenerate(order, lam)
         assert amid_loss(student, teacher, mask, alpha=0.0, lam=lam, order=order).item() == 0.0
     assert not is_degenerate("pr", 0.0) and not is_degenerate("qr", 1.0)
+    assert not is_degenerate("js", 0.5)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -294,6 +366,9 @@ GRADCHECK_SETTINGS = [
     dict(alpha=-1.0, lam=0.1, divergence="ab", order="pr", ab_alpha=0.2, ab_beta=0.7),
     dict(alpha=5.0, lam=0.9, divergence="ab", order="qr", ab_alpha=0.8, ab_beta=0.3),
     dict(alpha=0.0, lam=0.5, divergence="ab", order="rq", ab_alpha=0.2, ab_beta=0.7),
+    dict(alpha=-1.0, lam=0.1, divergence="kl", order="js"),
+    dict(alpha=-3.0, lam=0.6, divergence="ab", order="js", ab_alpha=0.2, ab_beta=0.7),
+    dict(alpha=-0.5, lam=0.3, divergence="kl", order="pr", cross_entropy=True),
 ]
 
 
@@ -400,5 +475,5 @@ def test_shape_errors_are_clear():
         amid_loss(student, teacher[..., :-1], mask, alpha=0.0, lam=0.1)
     with pytest.raises(ValueError, match="mask shape"):
         amid_loss(student, teacher, mask[:, :-1], alpha=0.0, lam=0.1)
-    with pytest.raises(ValueError, match="unknown preset 'gkd'"):
-        preset("gkd")
+    with pytest.raises(ValueError, match="unknown preset 'minillm'"):
+        preset("minillm")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
+import random
 from collections import Counter
 from dataclasses import replace
 
@@ -14,10 +16,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from amid_ray.data import IGNORE_INDEX, InstructionExample, build_prompt, encode_example
 from amid_ray.data import encode_prompt as encode_prompt_ids
+from amid_ray.demo import load_gpt2_tokenizer
 from amid_ray.evaluation import generate_responses
-from amid_ray.models import load_gpt2_tokenizer
 from amid_ray.sgo import (
     AdaptiveSGOScheduler,
+    MixedSGOScheduler,
     ReplayBuffer,
     generate_student_batch,
     student_generation_settings,
@@ -58,6 +61,16 @@ def test_buffer_evicts_oldest_past_capacity():
     buffer.push([sequence(3), sequence(4), sequence(5)])
     assert len(buffer) == 3
     assert buffer.state_dict()["items"] == [sequence(3), sequence(4), sequence(5)]
+
+
+def test_buffer_is_full_at_capacity_sequences():
+    # The released buffer counts sequences (deque(maxlen=capacity) of single items), not batches.
+    buffer = ReplayBuffer(capacity=3, seed=0)
+    fullness = []
+    for token in range(4):
+        fullness.append(buffer.full)
+        buffer.push([sequence(token)])
+    assert fullness == [False, False, False, True] and buffer.full
 
 
 def test_buffer_sampling_is_seeded_distinct_and_copied():
@@ -137,85 +150,151 @@ def test_buffer_state_capacity_must_match():
 
 
 # --- AdaptiveSGOScheduler ----------------------------------------------------------------
+#
+# The reference below is written from the released code (AMiD / DistiLLM `finetune.py`), not
+# from amid_ray.sgo: `samp_threshold` per `--replay-ratio`, one uniform draw `r` per step, and the
+# threshold update after each evaluation.
 
-STEPS = 10_000
-
-
-def tolerance(probability: float) -> float:
-    """5 standard deviations of a frequency over STEPS Bernoulli(probability) draws: a correct
-    scheduler misses it by chance with p < 1e-6 for any seed (about 0.023 at p = 0.3)."""
-    return 5 * math.sqrt(probability * (1 - probability) / STEPS)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_choice_frequencies_follow_threshold_and_replay_ratio(seed):
-    scheduler = AdaptiveSGOScheduler(0.3, replay_ratio=0.4, seed=seed)
-    counts = Counter(scheduler.choose(can_replay=True) for _ in range(STEPS))
-    expected = {"ground_truth": 0.7, "generate": 0.3 * 0.6, "replay": 0.3 * 0.4}
-    for choice, probability in expected.items():
-        assert abs(counts[choice] / STEPS - probability) < tolerance(probability), choice
+SCHEDULES = ("constant", "increasing", "decreasing")
+DRAWS = 10_000
 
 
-@pytest.mark.parametrize(
-    ("schedule", "progress", "ratio"),
-    [("constant", 0.9, 0.4), ("increasing", 0.0, 0.0), ("increasing", 0.5, 0.2),
-     ("increasing", 1.0, 0.4), ("decreasing", 0.0, 0.4), ("decreasing", 0.75, 0.1)],
-)
-def test_replay_ratio_schedule_sets_the_replay_frequency(schedule, progress, ratio):
-    scheduler = AdaptiveSGOScheduler(0.5, replay_ratio=0.4, replay_schedule=schedule, seed=3)
-    assert scheduler.replay_ratio_at(progress) == pytest.approx(ratio)
-    counts = Counter(scheduler.choose(can_replay=True, progress=progress) for _ in range(STEPS))
-    assert abs(counts["replay"] / STEPS - 0.5 * ratio) < tolerance(0.5 * ratio) + 1e-12
-    assert abs(counts["ground_truth"] / STEPS - 0.5) < tolerance(0.5)
+def released_source(r: float, tau: float, t: float, schedule: str, buffer_len: int,
+                    capacity: int) -> str:
+    if schedule == "constant":
+        samp_threshold = tau * 0.5
+    elif schedule == "increasing":
+        samp_threshold = tau * t
+    else:
+        samp_threshold = tau * (1 - t)
+    if r < samp_threshold or (r < tau and buffer_len < capacity):
+        return "generate"
+    if r < tau:
+        return "replay"
+    return "ground_truth"
 
 
-def test_without_replay_every_student_step_generates():
-    scheduler = AdaptiveSGOScheduler(0.3, replay_ratio=1.0, seed=0)
-    counts = Counter(scheduler.choose(can_replay=False) for _ in range(STEPS))
-    assert set(counts) == {"ground_truth", "generate"}
-    assert abs(counts["generate"] / STEPS - 0.3) < tolerance(0.3)
+def released_thresholds(dev_ces: list[float], init_threshold: float, loss_eps: float) -> list:
+    """`prev_avg_loss` from the pre-training evaluation (dev_ces[0]), then one τ per evaluation."""
+    adaptive_threshold, prev_avg_loss = init_threshold, dev_ces[0]
+    trace = []
+    for curr_avg_loss in dev_ces[1:]:
+        if curr_avg_loss >= prev_avg_loss + loss_eps:
+            adaptive_threshold += 0.1
+            adaptive_threshold = min(adaptive_threshold, 1.0)
+            prev_avg_loss = curr_avg_loss
+        trace.append(adaptive_threshold)
+    return trace
 
 
-def test_student_steps_do_not_depend_on_replay_availability():
-    def student_steps(can_replay: bool) -> list[bool]:
-        scheduler = AdaptiveSGOScheduler(0.5, seed=4)
-        return [scheduler.choose(can_replay) != "ground_truth" for _ in range(200)]
-
-    assert student_steps(True) == student_steps(False)
+def released_probabilities(tau: float, t: float, schedule: str, full: bool) -> dict[str, float]:
+    share = {"constant": 0.5, "increasing": t, "decreasing": 1 - t}[schedule]
+    generate = tau * share if full else tau
+    return {"generate": generate, "replay": tau - generate, "ground_truth": 1 - tau}
 
 
-@pytest.mark.parametrize("threshold, only", [(0.0, "ground_truth"), (1.0, "generate")])
-def test_extreme_thresholds(threshold, only):
-    scheduler = AdaptiveSGOScheduler(threshold, replay_ratio=0.0, seed=0)
-    assert {scheduler.choose(can_replay=True) for _ in range(500)} == {only}
+def within_5_sigma(count: int, probability: float, draws: int = DRAWS) -> bool:
+    """A correct scheduler misses this by chance with p < 1e-6 per check (any seed)."""
+    sigma = math.sqrt(probability * (1 - probability) / draws)
+    return abs(count / draws - probability) <= 5 * sigma + 1e-12
 
 
-def test_threshold_rises_only_past_reference_plus_eps_and_is_capped():
-    scheduler = AdaptiveSGOScheduler(0.2, loss_eps=0.1, step_size=0.1, max_threshold=0.45, seed=0)
-    observed = [
-        (1.0, 0.2),  # sets the reference, no change
-        (1.1, 0.2),  # equal to reference + eps: not above it
-        (1.05, 0.2),
-        (1.2, 0.3),
-        (0.5, 0.3),  # improving never lowers it, and the reference stays 1.0
-        (1.15, 0.4),
-        (2.0, 0.45),  # capped
-        (2.0, 0.45),
-    ]
-    for dev_loss, threshold in observed:
-        assert scheduler.observe_eval(dev_loss) == pytest.approx(threshold)
-        assert scheduler.threshold == pytest.approx(threshold)
-    assert scheduler.reference_loss == 1.0
+def scheduler_at(tau: float, schedule: str, seed: int) -> AdaptiveSGOScheduler:
+    return AdaptiveSGOScheduler(tau, replay_schedule=schedule, seed=seed)
+
+
+def test_worked_example_of_the_issue():
+    scheduler = AdaptiveSGOScheduler(0.0, seed=0)
+    assert scheduler.observe_eval(2.00) == 0.0  # the evaluation before the first step
+    trace = [scheduler.observe_eval(ce)
+             for ce in [1.8, 1.78, 1.85, 2.01, 2.05, 2.08, 2.12, 2.15, 2.3, 2.32]]
+    assert trace == [0, 0, 0, 0, 0, 0, 0.1, 0.1, 0.2, 0.2]
+    assert scheduler.reference_ce == 2.3
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("init_threshold", "loss_eps"), [(0.0, 0.1), (0.3, 0.05), (0.0, 0.0)])
+def test_threshold_trace_matches_the_released_update(seed, init_threshold, loss_eps):
+    # A random walk of dev CE long enough to hit the cap at 1.0 in some runs.
+    rng = random.Random(seed)
+    dev_ces = [2.0]
+    for _ in range(40):
+        dev_ces.append(dev_ces[-1] + rng.uniform(-0.1, 0.15))
+    scheduler = AdaptiveSGOScheduler(init_threshold, loss_eps=loss_eps, seed=seed)
+    trace = [scheduler.observe_eval(ce) for ce in dev_ces]
+    assert trace[0] == init_threshold
+    assert trace[1:] == released_thresholds(dev_ces, init_threshold, loss_eps)  # exact floats
+
+
+def test_reference_moves_on_every_raise_even_at_the_cap():
+    scheduler = AdaptiveSGOScheduler(0.9, max_threshold=1.0, seed=0)
+    assert [scheduler.observe_eval(ce) for ce in (1.0, 1.5, 1.55, 2.0)] == [0.9, 1.0, 1.0, 1.0]
+    # 1.5 raised τ to the cap and became the reference, so 1.55 (< 1.6) is no longer a raise;
+    # 2.0 >= 1.6 is a raise at the cap and moves the reference again.
+    assert scheduler.reference_ce == 2.0
+
+
+def test_raise_is_inclusive_and_improvements_never_lower_tau():
+    scheduler = AdaptiveSGOScheduler(0.25, loss_eps=0.5, step_size=0.25, seed=0)
+    assert scheduler.observe_eval(1.0) == 0.25
+    assert scheduler.observe_eval(1.5) == 0.5  # exactly reference + eps counts
+    assert scheduler.observe_eval(0.1) == 0.5
+    assert scheduler.reference_ce == 1.5
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("full", [False, True])
+def test_choices_equal_the_released_rule_draw_for_draw(schedule, full):
+    # Same seed, same uniform stream: the scheduler must make the released choice every time.
+    taus, progresses = (0.0, 0.2, 0.55, 1.0), (0.0, 0.3, 0.75, 1.0)
+    for tau, t in itertools.product(taus, progresses):
+        scheduler = scheduler_at(tau, schedule, seed=17)
+        stream = random.Random(17)
+        got = [scheduler.choose(buffer_full=full, progress=t) for _ in range(300)]
+        want = [released_source(stream.random(), tau, t, schedule, 1000 if full else 999, 1000)
+                for _ in range(300)]
+        assert got == want, (tau, t)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize(("tau", "t"), [(0.1, 0.0), (0.35, 0.25), (0.8, 0.9), (1.0, 0.5)])
+def test_choice_frequencies_match_the_released_probabilities(schedule, full, tau, t):
+    scheduler = scheduler_at(tau, schedule, seed=int(100 * tau + 10 * t))
+    counts = Counter(scheduler.choose(buffer_full=full, progress=t) for _ in range(DRAWS))
+    expected = released_probabilities(tau, t, schedule, full)
+    assert set(counts) <= {name for name, p in expected.items() if p > 0}
+    for source, probability in expected.items():
+        assert within_5_sigma(counts[source], probability), (source, counts)
+
+
+def test_decreasing_moves_student_steps_from_generation_to_replay():
+    early, late = scheduler_at(0.6, "decreasing", 1), scheduler_at(0.6, "decreasing", 1)
+    early_counts = Counter(early.choose(buffer_full=True, progress=0.1) for _ in range(DRAWS))
+    late_counts = Counter(late.choose(buffer_full=True, progress=0.9) for _ in range(DRAWS))
+    assert within_5_sigma(early_counts["generate"], 0.6 * 0.9)
+    assert within_5_sigma(late_counts["replay"], 0.6 * 0.9)
+
+
+def test_generation_share_per_schedule():
+    for schedule, share in [("constant", 0.5), ("increasing", 0.3), ("decreasing", 0.7)]:
+        assert scheduler_at(0.5, schedule, 0).generation_share(0.3) == pytest.approx(share)
+    with pytest.raises(ValueError, match="progress must be a finite number in \\[0.0, 1.0\\], "
+                                         "got 1.5"):
+        scheduler_at(0.5, "constant", 0).choose(buffer_full=True, progress=1.5)
+
+
+def test_released_defaults():
+    scheduler = AdaptiveSGOScheduler(0.0, seed=0)
+    assert (scheduler.loss_eps, scheduler.step_size, scheduler.max_threshold) == (0.1, 0.1, 1.0)
+    assert scheduler.replay_schedule == "decreasing"
+    assert scheduler.reference_ce is None
 
 
 @pytest.mark.parametrize(
     "arguments, expected",
     [
         ({"init_threshold": 1.5}, "init_threshold must be a finite number in [0.0, 1.0], got 1.5"),
-        (
-            {"init_threshold": -0.1},
-            "init_threshold must be a finite number in [0.0, 1.0], got -0.1",
-        ),
         (
             {"init_threshold": True},
             "init_threshold must be a finite number in [0.0, 1.0], got True",
@@ -227,7 +306,6 @@ def test_threshold_rises_only_past_reference_plus_eps_and_is_capped():
         ({"max_threshold": 1.2}, "max_threshold must be a finite number in [0.0, 1.0], got 1.2"),
         ({"loss_eps": -0.1}, "loss_eps must be a finite number in [0.0, inf], got -0.1"),
         ({"step_size": float("nan")}, "step_size must be a finite number in [0.0, 1.0], got nan"),
-        ({"replay_ratio": 2}, "replay_ratio must be a finite number in [0.0, 1.0], got 2"),
         ({"seed": -1}, "seed must be an int >= 0, got -1"),
         ({"replay_schedule": "cyclic"},
          "replay_schedule must be one of ['constant', 'increasing', 'decreasing'], got 'cyclic'"),
@@ -240,26 +318,62 @@ def test_scheduler_arguments_validated(arguments, expected):
     assert str(error.value) == expected
 
 
-def test_dev_loss_must_be_finite():
-    with pytest.raises(ValueError, match="dev_loss must be .*got nan"):
+def test_replay_ratio_is_gone():
+    with pytest.raises(TypeError, match="replay_ratio"):
+        AdaptiveSGOScheduler(0.2, seed=0, replay_ratio=0.5)
+
+
+def test_dev_ce_must_be_finite():
+    with pytest.raises(ValueError, match="dev_ce must be .*got nan"):
         AdaptiveSGOScheduler(0.2, seed=0).observe_eval(float("nan"))
 
 
 @pytest.mark.parametrize("serialise", [json_round_trip, lambda s: pickle.loads(pickle.dumps(s))])
-def test_scheduler_state_round_trip_continues_choices(serialise):
+def test_scheduler_state_round_trip_continues_exactly(serialise):
     original = AdaptiveSGOScheduler(0.3, seed=5)
     for step in range(100):
-        original.choose(can_replay=step > 10)
+        original.choose(buffer_full=step > 10, progress=step / 100)
     original.observe_eval(2.0)
     original.observe_eval(2.5)
     state = serialise(original.state_dict())
     restored = AdaptiveSGOScheduler(0.3, seed=123)
     restored.load_state_dict(state)
-    assert (restored.threshold, restored.reference_loss) == pytest.approx((0.4, 2.0))
-    assert [restored.choose(True) for _ in range(300)] == [
-        original.choose(True) for _ in range(300)
+    assert (restored.threshold, restored.reference_ce) == pytest.approx((0.4, 2.5))
+    assert [restored.choose(True, 0.5) for _ in range(300)] == [
+        original.choose(True, 0.5) for _ in range(300)
     ]
-    assert restored.observe_eval(2.2) == original.observe_eval(2.2) == pytest.approx(0.5)
+    assert restored.observe_eval(2.6) == original.observe_eval(2.6) == pytest.approx(0.5)
+    assert restored.state_dict() == original.state_dict()
+
+
+# --- MixedSGOScheduler -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixed_alpha", [0.0, 0.5, 0.8, 1.0])
+def test_mixed_choices_equal_the_released_rule(mixed_alpha):
+    scheduler = MixedSGOScheduler(mixed_alpha, seed=9)
+    stream = random.Random(9)
+    got = [scheduler.choose(buffer_full=False, progress=0.5) for _ in range(DRAWS)]
+    want = ["generate_and_replay" if stream.random() < mixed_alpha else "ground_truth"
+            for _ in range(DRAWS)]
+    assert got == want
+    assert within_5_sigma(got.count("generate_and_replay"), mixed_alpha)
+
+
+def test_mixed_scheduler_does_not_adapt_and_resumes_exactly():
+    scheduler = MixedSGOScheduler(0.5, seed=3)
+    assert [scheduler.observe_eval(ce) for ce in (2.0, 9.0, 20.0)] == [0.5, 0.5, 0.5]
+    for _ in range(50):
+        scheduler.choose(buffer_full=True, progress=0.0)
+    restored = MixedSGOScheduler(0.5, seed=0)
+    restored.load_state_dict(json_round_trip(scheduler.state_dict()))
+    assert [restored.choose(True, 0.1) for _ in range(200)] == [
+        scheduler.choose(True, 0.1) for _ in range(200)
+    ]
+    with pytest.raises(ValueError, match="mixed_alpha in the state \\(0.5\\) differs .*\\(0.4\\)"):
+        MixedSGOScheduler(0.4, seed=0).load_state_dict(scheduler.state_dict())
+    with pytest.raises(ValueError, match="mixed_alpha must be a finite number in \\[0.0, 1.0\\]"):
+        MixedSGOScheduler(1.5, seed=0)
 
 
 # --- generate_student_batch --------------------------------------------------------------
