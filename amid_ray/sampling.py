@@ -116,10 +116,10 @@ def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=spec.startup_trials,
-        multivariate=spec.sampler.multivariate, group=spec.sampler.group,
-        # Trials running in parallel are told to the model as pessimistic guesses.
-        constant_liar=spec.max_concurrent > 1, warn_independent_sampling=False,
-    )
+            multivariate=spec.sampler.multivariate, group=spec.sampler.group,
+            # Trials running in parallel are told to the model as pessimistic guesses.
+            constant_liar=spec.max_concurrent > 1,
+        )
 
 
 def study_storage_url(spec: SearchSpec, search_dir: Path) -> str:
