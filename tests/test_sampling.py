@@ -3,6 +3,14 @@ the study in a database, intermediate values at the run's own step. No Ray is st
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -138,3 +146,37 @@ def test_the_study_lives_in_a_database_and_gets_intermediate_values_per_run_step
     assert trial.value == 0.9 and trial.state == optuna.trial.TrialState.COMPLETE
     with pytest.raises(ConfigError, match="search.storage"):
         _run(dict(SPACE, storage="/tmp/optuna.db"))
+
+
+def test_optuna_dashboard_serves_the_search_study(tmp_path):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed")
+    run = _run()
+    url = study_storage_url(run.search_spec, tmp_path)
+    study = optuna.create_study(study_name="demo-search", storage=url, direction="maximize")
+    study.enqueue_trial(baseline_point(run.search_spec, run.to_dict(), "kd"))
+    trial = study.ask()
+    DefineByRun(run.search_spec, run.to_dict())(trial)
+    study.tell(trial, 4.2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = Path(sys.executable).with_name("optuna-dashboard")  # the installed console script
+    server = subprocess.Popen(
+        [str(command), url, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, answer = time.monotonic() + 60, None
+        while answer is None and time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies",
+                                            timeout=5) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, "optuna-dashboard did not answer on 127.0.0.1"
+        (listed,) = answer["study_summaries"]
+        assert listed["study_name"] == "demo-search"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

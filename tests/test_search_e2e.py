@@ -3,9 +3,9 @@ store."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from asha_reference import asha_stop_rounds
 from mlflow_helpers import tracking_summary
 from transformers import AutoModelForCausalLM
 
@@ -62,30 +62,3 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
             # Train runs ahead of Tune: a stopped run may complete one more round before it dies.
             assert rounds in (stop, stop + 1)
             assert record.status == ("finished" if rounds == 3 else "stopped early")
-
-
-def asha_stop_rounds(curves: list[list[float]], grace: int, factor: int,
-                     max_rounds: int) -> list[int | None]:
-    """The round at which asynchronous successive halving stops each of these trials, run one
-    after another (metric minimised), or None: at rounds grace·factor^k below max_rounds, a trial
-    stops when its value is worse than the best 1/factor quantile of what earlier trials
-    recorded at that round."""
-    rungs = {}
-    rung = grace
-    while rung < max_rounds:
-        rungs[rung] = []
-        rung *= factor
-    stops = []
-    for curve in curves:
-        stop = None
-        for rung, recorded in rungs.items():
-            if len(curve) < rung:
-                break
-            value = curve[rung - 1]
-            if recorded and value > float(np.percentile(recorded, 100 / factor)):
-                stop = rung
-            recorded.append(value)
-            if stop is not None:
-                break
-        stops.append(stop)
-    return stops
