@@ -7,6 +7,7 @@ metrics, which can be stale after a resume; Tune's trial states tell an error fr
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ from amid_ray.atomic import atomic_folder
 from amid_ray.config import RunConfig, point_config
 from amid_ray.sampling import optuna_distribution
 from amid_ray.search_space import PRESET_KEY, SearchSpec
+from amid_ray.selection import LEVEL, Interval, bootstrap_interval, paired_difference
 from amid_ray.training import TrainOutcome, read_outcome
-from amid_ray.worker import ROUGE_L, STEP, VAL_LOSS
+from amid_ray.worker import DEV_SCORES_FILE, ROUGE_L, STEP, VAL_LOSS
 
 #: Folder of the search folder holding each trial's Ray Train run, named by trial id.
 TRIALS_DIR = "trials"
@@ -173,6 +175,73 @@ def study_from_trials(spec: SearchSpec, records: list[TrialRecord]) -> optuna.St
     return study if study.trials else None
 
 
+# --------------------------------------------------------------------------- confidence
+
+
+def dev_scores(record: TrialRecord) -> list[float] | None:
+    """Per-dev-item ROUGE-L of a trial's best checkpoint (None where it was not recorded)."""
+    if not record.best_checkpoint:
+        return None
+    path = Path(record.best_checkpoint).parent / DEV_SCORES_FILE
+    return json.loads(path.read_text())[ROUGE_L] if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Rival:
+    """A trial the winner is compared with, and the paired interval of (winner - rival)."""
+
+    role: str
+    trial_id: str
+    difference: Interval
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """How sure the search can be of its best trial: its ROUGE-L interval over dev items, and
+    paired comparisons with the runner-up and the best baseline (`amid_ray.selection`)."""
+
+    items: int
+    best: Interval
+    rivals: tuple[Rival, ...]
+
+    def lines(self, best_id: str) -> list[str]:
+        level = f"{LEVEL:.0%}"
+        lines = [f"best trial {best_id}: ROUGE-L {self.best} ({level} bootstrap interval over "
+                 f"{self.items} dev items)"]
+        for rival in self.rivals:
+            verdict = ("distinguishable" if rival.difference.excludes_zero
+                       else "NOT distinguishable: within the noise of the dev set")
+            lines.append(f"  vs {rival.role} {rival.trial_id}: difference {rival.difference}: "
+                         f"{verdict}")
+        return lines
+
+    def summary(self) -> dict[str, Any]:
+        return {"rougeL_interval": [self.best.low, self.best.high], "dev_items": self.items,
+                **{f"distinguishable_from_{r.role.replace(' ', '_').replace('-', '_')}":
+                   r.difference.excludes_zero for r in self.rivals}}
+
+
+def selection_confidence(records: list[TrialRecord], best: TrialRecord | None
+                         ) -> Confidence | None:
+    """The best trial's interval and its paired comparisons, from the per-item scores of each
+    trial's best checkpoint (None when the best trial has none)."""
+    scores = {r.trial_id: dev_scores(r) for r in records}
+    if best is None or not scores[best.trial_id]:
+        return None
+    mine = scores[best.trial_id]
+    comparable = [r for r in records if r is not best and r.best_rougeL is not None
+                  and scores[r.trial_id] and len(scores[r.trial_id]) == len(mine)]
+    ranked = sorted(comparable, key=lambda r: r.best_rougeL, reverse=True)
+    baselines = [r for r in ranked if PRESET_KEY in r.params]
+    rivals = []
+    for role, pool in (("runner-up", ranked), ("best baseline", baselines)):
+        if pool:
+            rival = pool[0]
+            rivals.append(Rival(role, rival.trial_id,
+                                paired_difference(mine, scores[rival.trial_id])))
+    return Confidence(len(mine), bootstrap_interval(mine), tuple(rivals))
+
+
 @dataclass
 class SearchOutcome:
     search_dir: Path
@@ -183,6 +252,7 @@ class SearchOutcome:
     best_settings: dict[str, Any] | None
     tracking_uri: str | None
     table: str
+    confidence: Confidence | None = None
 
     def summary(self) -> dict[str, Any]:
         """The search in one JSON-able dict (the last line `amid-ray tune` prints)."""
@@ -191,6 +261,7 @@ class SearchOutcome:
             "best_config": self.best_settings,
             "best_trial": self.best.trial_id if self.best else None,
             ROUGE_L: self.best.best_rougeL if self.best else None,
+            **(self.confidence.summary() if self.confidence else {}),
             "num_trials": len(self.records),
             "tracking_uri": self.tracking_uri,
             "search_dir": str(self.search_dir),
@@ -210,6 +281,10 @@ def read_results(run: RunConfig, search_dir: Path, tracking_uri: str | None) -> 
     records = collect_trials(search_dir, run.train.max_steps)
     best = best_trial(records)
     exported = search_dir / BEST_DIR
+    confidence = selection_confidence(records, best)
+    table = format_trials_table(run, records)
+    if confidence is not None:
+        table += "\n\n" + "\n".join(confidence.lines(best.trial_id))
     return SearchOutcome(
         search_dir=search_dir,
         records=records,
@@ -217,5 +292,6 @@ def read_results(run: RunConfig, search_dir: Path, tracking_uri: str | None) -> 
         best_dir=exported if best is not None and exported.is_dir() else None,
         best_settings=effective_settings(run, best.params) if best else None,
         tracking_uri=tracking_uri,
-        table=format_trials_table(run, records),
+        table=table,
+        confidence=confidence,
     )

@@ -4,6 +4,7 @@ study for plots, the search folder and the count of trials."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,9 +25,11 @@ from amid_ray.results import (
     TrialRecord,
     best_trial,
     creation_index,
+    dev_scores,
     effective_settings,
     export_best,
     format_trials_table,
+    selection_confidence,
     study_from_trials,
     trial_record,
     trial_verdict,
@@ -43,6 +46,7 @@ from amid_ray.search import (
     total_trials,
 )
 from amid_ray.training import TrainOutcome
+from amid_ray.worker import DEV_SCORES_FILE
 
 MAX_STEPS = 6
 
@@ -384,3 +388,45 @@ def test_the_tracking_uri_is_kept_in_the_search_folder(tmp_path):
     assert load_tracking_uri(tmp_path) is None
     save_tracking_uri(tmp_path, "http://127.0.0.1:5000")
     assert load_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+def scored(tmp_path: Path, trial_id: str, scores: list[float], **kwargs) -> TrialRecord:
+    """A trial whose best checkpoint holds per-dev-item ROUGE-L `scores`."""
+    checkpoint = tmp_path / trial_id / "checkpoint_000001"
+    (checkpoint / "model").mkdir(parents=True)
+    (checkpoint / DEV_SCORES_FILE).write_text(json.dumps({"rougeL": scores}))
+    return record(trial_id, sum(scores) / len(scores), str(checkpoint / "model"), **kwargs)
+
+
+def test_confidence_tells_a_clear_winner_from_a_tie(tmp_path):
+    items = 60
+    hard = [float(i % 7) * 5 for i in range(items)]  # the items differ a lot in difficulty
+    winner = scored(tmp_path, "win", [v + 3.0 for v in hard])
+    close = scored(tmp_path, "close", [v + 3.0 - (0.5 if i % 2 else -0.4) for i, v in
+                                        enumerate(hard)])
+    baseline = scored(tmp_path, "kd", hard, params={"amid.preset": "kd"})
+    records = [baseline, winner, close]
+    confidence = selection_confidence(records, best_trial(records))
+    assert confidence.items == items
+    assert confidence.best.mean == pytest.approx(sum(hard) / items + 3.0)
+    runner_up, best_baseline = confidence.rivals
+    assert (runner_up.role, runner_up.trial_id) == ("runner-up", "close")
+    assert not runner_up.difference.excludes_zero  # +0.05 on average, noise either way
+    assert (best_baseline.role, best_baseline.trial_id) == ("best baseline", "kd")
+    assert best_baseline.difference.excludes_zero  # 3 points on every item
+    assert best_baseline.difference.mean == pytest.approx(3.0)
+    text = "\n".join(confidence.lines("win"))
+    assert "vs runner-up close" in text and "NOT distinguishable" in text
+    summary = confidence.summary()
+    assert summary["distinguishable_from_runner_up"] is False
+    assert summary["distinguishable_from_best_baseline"] is True
+
+
+def test_no_confidence_without_per_item_scores(tmp_path):
+    plain = record("a", 3.0, str(tmp_path / "nowhere" / "model"))
+    assert dev_scores(plain) is None
+    assert selection_confidence([plain], plain) is None
+    assert selection_confidence([], None) is None
