@@ -129,14 +129,36 @@ def study_storage_url(spec: SearchSpec, search_dir: Path) -> str:
 
 
 class RunStepOptunaSearch(OptunaSearch):
-    """OptunaSearch that records each evaluation round as an intermediate value at the run's own
-    optimizer step. Tune's `training_iteration` restarts at 1 when a trial resumes from a
-    checkpoint, which would file a resumed trial's rounds under the wrong steps."""
+    """OptunaSearch that records every evaluation round Tune relays as an intermediate value, at
+    the run's own optimizer step.
+
+    Tune's `training_iteration` restarts at 1 when a trial resumes from a checkpoint, which would
+    file a resumed trial's rounds under the wrong steps; and Tune does not pass the result that
+    stops a trial to `on_trial_result`, so a trial stopped at its first rung would have none.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reported: dict[str, set[int]] = {}  # pickled with the searcher: survives resume
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        step = int(result[STEP])
+        done = self._reported.setdefault(trial_id, set())
+        if step not in done:
+            self._ot_trials[trial_id].report(result[self.metric], step)
+            done.add(step)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials or STEP not in result:
             return super().on_trial_result(trial_id, result)
-        self._ot_trials[trial_id].report(result[self.metric], int(result[STEP]))
+        self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if (result and STEP in result and self.metric in result
+                and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+            self._report(trial_id, result)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def make_searcher(spec: SearchSpec, base: dict[str, Any], search_dir: Path,

@@ -139,11 +139,15 @@ def test_the_study_lives_in_a_database_and_gets_intermediate_values_per_run_step
     for iteration, step, value in [(1, 10, 0.5), (2, 20, 0.7), (1, 30, 0.9)]:
         searcher.on_trial_result("t1", {"training_iteration": iteration, "step": step,
                                         "best_rougeL": value})
-    searcher.on_trial_complete("t1", {"best_rougeL": 0.9})
+    searcher.on_trial_complete("t1", {"best_rougeL": 0.9, "step": 30})
+    # A trial stopped at its first rung: Tune hands that result to on_trial_complete only.
+    searcher.suggest("t2")
+    searcher.on_trial_complete("t2", {"training_iteration": 1, "step": 10, "best_rougeL": 0.2})
     loaded = optuna.load_study(study_name="s1", storage=url)
-    (trial,) = loaded.trials
-    assert trial.intermediate_values == {10: 0.5, 20: 0.7, 30: 0.9}
-    assert trial.value == 0.9 and trial.state == optuna.trial.TrialState.COMPLETE
+    first, stopped = loaded.trials
+    assert first.intermediate_values == {10: 0.5, 20: 0.7, 30: 0.9}
+    assert first.value == 0.9 and first.state == optuna.trial.TrialState.COMPLETE
+    assert stopped.intermediate_values == {10: 0.2} and stopped.value == 0.2
     with pytest.raises(ConfigError, match="search.storage"):
         _run(dict(SPACE, storage="/tmp/optuna.db"))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -14,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from asha_reference import asha_stop_rounds
 from mlflow_helpers import tracking_summary
 
 from amid_ray.results import collect_trials
@@ -23,11 +24,13 @@ from amid_ray.training import read_outcome
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+TRIALS, MAX_STEPS, EVERY = 6, 6, 2  # the tiny search of conftest.py: 3 evaluation rounds
 
 
-def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, search_config, tmp_path):
-    config = search_config(tiny_world, tmp_path, "resumed", num_samples=4, max_concurrent=1,
-                           scheduler=None)
+def test_resume_after_driver_sigkill_keeps_finished_work_and_asha_decisions(
+        tiny_world, search_config, tmp_path):
+    # One trial at a time, so ASHA's decisions are a function of the recorded curves.
+    config = search_config(tiny_world, tmp_path, "resumed", num_samples=TRIALS, max_concurrent=1)
     config_path = tmp_path / "space.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     search_dir = tmp_path / "resumed"
@@ -38,18 +41,17 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, search_co
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        finished = _wait_for_finished_trial(search_dir, driver, timeout=400)
-        # Kill only once Tune's own snapshot holds them as finished, as it would in real life
-        # some seconds after they end (Tune snapshots about every 10 s).
-        _wait_for_tune_snapshot(search_dir, finished, driver, timeout=120)
+        # Kill once Tune's own snapshot holds a finished and a stopped trial, as it would in
+        # real life some seconds after they end (Tune snapshots about every 10 s).
+        ended = _wait_for_finished_and_stopped(search_dir, driver, timeout=900)
         os.kill(driver.pid, signal.SIGKILL)  # the real driver, abruptly
         driver.wait(timeout=30)
     finally:
         # The driver's local Ray cluster dies with its machine in this scenario.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-    before = {r.trial_id: r for r in collect_trials(search_dir, 6)}
-    done_before = {tid: before[tid] for tid in finished}
+    before = {r.trial_id: r for r in collect_trials(search_dir, MAX_STEPS)}
+    assert sum(r.status in ("finished", "stopped early") for r in before.values()) < TRIALS
 
     resumed = subprocess.run(
         [sys.executable, "-m", "amid_ray.cli", "resume", str(search_dir)],
@@ -57,17 +59,41 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tiny_world, search_co
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert summary["num_trials"] == 4
-    after = {r.trial_id: r for r in collect_trials(search_dir, 6)}
-    assert len(after) == 4 and all(r.status == "finished" for r in after.values())
-    for trial_id, record in done_before.items():  # finished trials kept, not re-run or changed
-        assert after[trial_id].best_rougeL == record.best_rougeL
-        assert after[trial_id].best_checkpoint == record.best_checkpoint
-        assert len(_train_history(search_dir, trial_id)) == 3
+    assert summary["num_trials"] == TRIALS
+    records = collect_trials(search_dir, MAX_STEPS)
+    after = {r.trial_id: r for r in records}
+    assert len(after) == TRIALS
+    for trial_id in ended:  # ended trials kept as they were: not re-run, not changed
+        assert after[trial_id].history == before[trial_id].history
+        assert after[trial_id].best_checkpoint == before[trial_id].best_checkpoint
+    for record in records:  # no step counter restarted: each round once, in order
+        steps = [row["step"] for row in record.history]
+        assert steps == list(range(EVERY, EVERY * len(steps) + 1, EVERY)), steps
+
+    # Every stop decision, before and after the kill, is the one ASHA makes when uninterrupted.
+    curves = [[row["val_loss"] for row in r.history] for r in records]
+    predicted = asha_stop_rounds(curves, grace=1, factor=2, max_rounds=MAX_STEPS // EVERY)
+    assert any(stop is not None for stop in predicted)
+    for record, stop in zip(records, predicted, strict=True):
+        rounds = len(record.history)
+        if stop is None:
+            assert (record.status, rounds) == ("finished", MAX_STEPS // EVERY), record
+        else:
+            # Train runs ahead of Tune: a stopped run may complete one more round before it dies.
+            assert rounds in (stop, stop + 1), (record, stop)
+
+    # The Optuna study in the search folder holds every trial with its value and its rounds.
+    study = optuna.load_study(study_name="resumed",
+                              storage=f"sqlite:///{search_dir / 'optuna.db'}")
+    assert len(study.trials) == TRIALS
+    assert study.trials[0].params["amid.lam"] == 0.0  # the kd baseline, a trial of the study
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None
+        assert trial.intermediate_values and set(trial.intermediate_values) <= {2, 4, 6}
+
     tracked = tracking_summary(summary["tracking_uri"], search_dir)
-    statuses = [c["status"] for c in tracked["children"]]
     assert sorted(c["trial_id"] for c in tracked["children"]) == sorted(after)  # no duplicates
-    assert statuses == ["FINISHED"] * 4
+    assert all(c["status"] in ("FINISHED", "KILLED") for c in tracked["children"])
     assert tracked["parent"]["status"] == "FINISHED"
 
 
@@ -78,23 +104,25 @@ def _train_history(search_dir: Path, trial_id: str) -> list[dict]:
     return read_outcome(result).history
 
 
-def _wait_for_finished_trial(search_dir: Path, driver, timeout: float) -> list[str]:
-    """Trial ids whose Train run reported its last step (6), polled from the search folder."""
+def _wait_for_finished_and_stopped(search_dir: Path, driver, timeout: float) -> list[str]:
+    """Ids of the trials Tune's snapshot holds as ended once it holds at least one that ran to
+    the end and one that ASHA stopped (ended before the last step)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the search ended before it could be interrupted"
-        finished = []
-        for trial_dir in (search_dir / "trials").glob("*"):
+        finished, stopped = [], []
+        for trial_id in _terminated_in_tune_snapshot(search_dir):
             try:
-                rows = _train_history(search_dir, trial_dir.name)
-            except Exception:  # not written yet
+                rows = _train_history(search_dir, trial_id)
+            except Exception:  # not readable yet
                 continue
-            if rows and rows[-1].get("step") == 6 and math.isfinite(rows[-1]["rougeL"]):
-                finished.append(trial_dir.name)
-        if finished:
-            return finished
+            last = rows[-1]["step"] if rows else 0
+            (finished if last == MAX_STEPS else stopped).append(trial_id)
+        if finished and stopped:
+            _wait_for_tune_snapshot(search_dir, finished + stopped, driver, timeout=120)
+            return finished + stopped
         time.sleep(1)
-    raise AssertionError("no trial finished in time")
+    raise AssertionError("no finished and stopped trial in time")
 
 
 def _wait_for_tune_snapshot(search_dir: Path, trial_ids: list[str], driver,
