@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from amid_ray.config import ConfigError, RunConfig, load_config
 
 EPILOG = "Run `amid-ray COMMAND --help` for the options of a command."
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: `amid-ray eval` flags that set a field of `evaluation.GenerationSettings` of the same name.
 GENERATION_FLAGS = ("max_new_tokens", "max_prompt_length", "batch_size")
 
@@ -73,18 +76,28 @@ def _finish_search(outcome) -> int:
     return 0
 
 
+#: `tune` flags that choose what a new search is; a resumed search is what it was.
+_NEW_SEARCH_FLAGS = ("config", "name", "storage", "num_samples", "set")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.resume:
+        given = [name for name in _NEW_SEARCH_FLAGS if getattr(args, name)
+                 not in (None, [])]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} cannot be used with --resume: a resumed search keeps the "
+                             f"settings it started with (see {Path(args.resume) / 'search.yaml'})")
         return _resume(Path(args.resume), args.address, args.tracking_uri)
     from amid_ray.cluster import ray_session
     from amid_ray.search import run_search, search_spec
 
     overrides = list(args.set)
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.storage:
-        overrides.append(f"resources.storage={args.storage}")
-    if args.num_samples:
+    if args.name is not None:
+        overrides.append(f"name={args.name!r}")
+    if args.storage is not None:
+        overrides.append(f"resources.storage={args.storage!r}")
+    if args.num_samples is not None:
         overrides.append(f"search.num_samples={args.num_samples}")
     run = load_config(args.config or DEMO_SPACE, overrides)
     search_spec(run)  # every search-space error before Ray starts
@@ -133,6 +146,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith("http"):
         print(f"this search logs to a tracking server: open {uri}")
         return 0
+    if args.host not in LOOPBACK_HOSTS and not args.insecure:
+        raise UsageError(f"--host {args.host} would serve MLflow without authentication beyond "
+                         "this machine; use an SSH tunnel or port-forward to 127.0.0.1, or pass "
+                         "--insecure if the network is trusted")
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {search_dir} at {url}  (Ctrl-C stops it)", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -154,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from amid_ray.sources import eval_data_path, eval_model_path
 
     # Flags left out keep the protocol's values (the parser does not import the evaluation).
+    if args.json:
+        _check_writable_file(args.json, "--json")
     given = {name: getattr(args, name) for name in GENERATION_FLAGS
              if getattr(args, name) is not None}
     settings = GenerationSettings(**given)
@@ -223,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, nargs="+", metavar="FILE",
                           help="eval sets (.jsonl/.json/datasets folder), or demo-dev, demo-test "
                           "(the embedded demo's splits)")
-    evaluate.add_argument("--seeds", type=int, nargs="+")
-    evaluate.add_argument("--max-examples", type=int, help="first N items of each set")
-    evaluate.add_argument("--max-new-tokens", type=int)
-    evaluate.add_argument("--max-prompt-length", type=int)
-    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--seeds", type=_non_negative, nargs="+")
+    evaluate.add_argument("--max-examples", type=_positive, help="first N items of each set")
+    evaluate.add_argument("--max-new-tokens", type=_positive)
+    evaluate.add_argument("--max-prompt-length", type=_positive)
+    evaluate.add_argument("--batch-size", type=_positive)
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding (one pass)")
     evaluate.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     evaluate.set_defaults(handler=cmd_eval)
@@ -258,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("search_dir", metavar="SEARCH_DIR", nargs="?", help="default: .")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--insecure", action="store_true",
+                    help="allow a --host other than loopback (MLflow has no login here)")
     ui.set_defaults(handler=cmd_ui)
 
     demo = commands.add_parser("demo-assets", help="build (or show) the embedded demo's data "
@@ -270,7 +291,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="search-space file (default: search_spaces/demo.yaml)")
     parser.add_argument("--name", help="search name (a folder under the storage)")
     parser.add_argument("--storage", help="folder for search state, checkpoints and MLflow")
-    parser.add_argument("--num-samples", type=int, help="trials in all, baselines included")
+    parser.add_argument("--num-samples", type=_positive,
+                        help="trials in all, baselines included")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a "
                         "local Ray)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: "
@@ -280,13 +302,59 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="SEARCH_DIR", help="continue this search instead")
 
 
+def _whole_number(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value} is below {lowest}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before the work that fills it."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {target.parent} does not exist")
+
+
+class UsageError(Exception):
+    """A command-line flag that cannot be honoured (reported like a configuration error)."""
+
+
+#: Errors a user can cause: reported in one line, exit code 2.
+USER_ERRORS = (ConfigError, UsageError, ValueError, FileNotFoundError, PermissionError,
+               IsADirectoryError, NotADirectoryError)
+#: Where the traceback of an unexpected error goes.
+ERROR_LOG = Path(tempfile.gettempdir()) / "amid-ray-last-error.log"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"amid-ray {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"amid-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        ERROR_LOG.write_text(traceback.format_exc())
+        print(f"amid-ray {args.command}: internal error: {type(error).__name__}: {error}\n"
+              f"This is a bug in amid-ray; the traceback is in {ERROR_LOG}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -566,7 +566,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(source, item, item, "expected section.key=value")
-        set_dotted(raw, key, yaml.safe_load(text) if text else None, source=source)
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as error:
+            raise ConfigError(source, key, text, f"not a valid YAML value: {error}") from None
+        set_dotted(raw, key, value, source=source)
 
 
 def point_config(base: dict[str, Any], point: dict[str, Any], source: str) -> RunConfig:

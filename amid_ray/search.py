@@ -27,7 +27,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from amid_ray.atomic import recover_folder, write_text_atomic
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
-from amid_ray.config import ConfigError, RunConfig, config_from_dict, point_config
+from amid_ray.config import ConfigError, RunConfig, config_from_dict, point_config, read_yaml
 from amid_ray.early_stopping import make_scheduler
 from amid_ray.mlflow_runs import SearchRuns, default_tracking_uri
 from amid_ray.publish import finish_search, sync_trial
@@ -159,7 +159,7 @@ def load_search_file(search_dir: Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(str(search_dir), "(search folder)", str(search_dir),
                           f"not a search folder: {SEARCH_FILE} is missing")
-    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
+    return config_from_dict(read_yaml(path), str(path))
 
 
 def save_tracking_uri(search_dir: Path, tracking_uri: str) -> None:
@@ -182,6 +182,12 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     if resume_dir is not None:
         search_dir = Path(resume_dir).expanduser().resolve()
         run = load_search_file(search_dir)
+        if not tune.Tuner.can_restore(str(search_dir)):
+            held = sorted(p.name for p in search_dir.iterdir())
+            raise ConfigError(str(search_dir), "(search folder)", str(search_dir),
+                              f"has no Ray Tune state to resume (it holds {held}): the search "
+                              "never started its trials; start it anew with `amid-ray tune "
+                              f"--config {search_dir / SEARCH_FILE}` after removing the folder")
         # A driver killed while exporting can leave the old best/ aside: put it back now.
         recover_folder(search_dir / BEST_DIR)
     else:
@@ -203,10 +209,14 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
         tracking_uri, run.name, search_dir, search_space=run.search or {},
         max_steps=run.train.max_steps, param_keys=spec.keys + [PRESET_KEY, "train.lr"],
     )
-    if resume_dir is not None and tune.Tuner.can_restore(str(search_dir)):
+    if resume_dir is not None:
         # The restored experiment brings back its own tracker (pickled with the callbacks).
-        tuner = tune.Tuner.restore(str(search_dir), _trainable(run, search_dir),
-                                   resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(search_dir), _trainable(run, search_dir),
+                                       resume_errored=True)
+        except Exception as error:  # Tune's pickles, damaged or from another version
+            raise ConfigError(str(search_dir), "(Ray Tune state)", type(error).__name__,
+                              f"cannot be restored: {error}") from error
     else:
         tuner = build_tuner(run, spec, search_dir, [MLflowSearchTracker(runs)])
     tuner.fit()

@@ -1,0 +1,80 @@
+"""The command line's one error path: every error a user can cause is one line naming what is
+wrong, exit code 2, before any work (and before Ray starts); an internal error says so."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from amid_ray import cli
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["tune", "--resume", "somewhere", "--num-samples", "3"],
+     "amid-ray tune: error: --num-samples cannot be used with --resume"),
+    (["tune", "--resume", "somewhere", "--set", "train.lr=1e-3"],
+     "amid-ray tune: error: --set cannot be used with --resume"),
+    (["tune", "--num-samples", "0"], "argument --num-samples: 0 is below 1"),
+    (["tune", "--name", ""], "name = '': must be a folder name"),
+    (["tune", "--name", ".."], "name = '..': must be a folder name"),
+    (["tune", "--set", "train.lr=[1"], "--set: train.lr"),
+    (["eval", "--model", "x", "--data", "y", "--max-examples", "-1"],
+     "argument --max-examples: -1 is below 1"),
+    (["eval", "--model", "x", "--data", "y", "--seeds", "ten"],
+     "argument --seeds: 'ten' is not a whole number"),
+    (["ui", ".", "--host", "0.0.0.0"], "is not a search folder"),
+    (["resume", "nowhere"], "nowhere: (search folder) = 'nowhere': not a search folder"),
+    (["best", "nowhere"], "not a search folder: search.yaml is missing"),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_eval_refuses_a_json_target_before_evaluating(capsys, tmp_path):
+    code, err = run_cli(capsys, "eval", "--model", "no-model", "--data", "no-data",
+                        "--json", str(tmp_path))
+    assert code == 2 and f"--json {tmp_path} is a folder" in err
+    code, err = run_cli(capsys, "eval", "--model", "m", "--data", "d",
+                        "--json", str(tmp_path / "missing" / "report.json"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_ui_on_an_open_host_needs_insecure(capsys, tmp_path):
+    (tmp_path / "tracking_uri").write_text(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code, err = run_cli(capsys, "ui", str(tmp_path), "--host", "0.0.0.0")
+    assert code == 2 and "without authentication" in err and "--insecure" in err
+
+
+def test_resume_refuses_a_folder_without_tune_state(capsys, tmp_path, tiny_world, search_config):
+    search = tmp_path / "half"
+    search.mkdir()
+    config = search_config(tiny_world, tmp_path, "half")
+    (search / "search.yaml").write_text(yaml.safe_dump(config))
+    code, err = run_cli(capsys, "resume", str(search))
+    assert code == 2
+    assert "has no Ray Tune state to resume (it holds ['search.yaml'])" in err
+
+
+def test_an_internal_error_says_it_is_a_bug_and_where_the_traceback_is(capsys, monkeypatch,
+                                                                       tmp_path):
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "ERROR_LOG", tmp_path / "last-error.log")
+    monkeypatch.setattr(cli, "cmd_demo", broken)
+    code, err = run_cli(capsys, "demo-assets")
+    assert code == 1
+    assert "internal error: RuntimeError: boom" in err and "This is a bug" in err
+    assert "RuntimeError: boom" in (tmp_path / "last-error.log").read_text()
