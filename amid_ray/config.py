@@ -125,6 +125,10 @@ class TrainConfig:
     schedule: str = _help("learning-rate decay after warm-up: cosine, linear or constant", "cosine")
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
     kd_ratio: float = _help("loss = (1 - kd_ratio)·CE + kd_ratio·AMiD (+ lm_weight·LM)", 1.0)
+    fused_loss: bool = _help(
+        "form logits from hidden states only at response positions, a chunk at a time (false: "
+        "full [batch, length, vocab] logits; needed for models that scale or soft-cap logits "
+        "after their head)", True)
     lm_weight: float = _help("weight of the language-modelling loss on data.lm_corpus", 0.0)
     seed: int = _help("seed for data order, initialisation and sampling", 10)
     log_every: int = _help(

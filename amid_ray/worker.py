@@ -41,6 +41,7 @@ from amid_ray.data import (
     encode_example,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
+from amid_ray.fused_loss import TeacherHead, fused_amid_loss, hidden_and_head
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.models import freeze_teacher, save_model
@@ -116,10 +117,12 @@ class Objective:
 
     settings: AMiDSettings
     kd_ratio: float = 1.0
+    #: Hidden states in, logits formed per chunk of response positions (else full logits).
+    fused: bool = True
 
     @classmethod
     def of(cls, run: RunConfig) -> Objective:
-        return cls(run.amid.settings(), run.train.kd_ratio)
+        return cls(run.amid.settings(), run.train.kd_ratio, run.train.fused_loss)
 
     def at_lam(self, lam: float) -> Objective:
         """The same objective with the assistant's teacher weight moved (TAID's schedule)."""
@@ -142,8 +145,45 @@ def distillation_losses(
     autocast_dtype: torch.dtype | None,
     with_ce: bool = False,
 ) -> StepLosses:
-    """The objective on the response tokens of one batch. The cross-entropy is computed when
-    the objective needs it or `with_ce` asks for it (else it is 0)."""
+    """The objective on the response tokens of one batch, from both models' hidden states: the
+    fused loss forms logits only at positions that predict a response token, a chunk at a time
+    (`fused_loss.fused_amid_loss`), so no `[batch, length, vocab]` tensor is ever held.
+
+    The cross-entropy is computed when the objective weighs it; `with_ce` (evaluation, without
+    gradient) asks for it whatever the weight.
+    """
+    if with_ce and torch.is_grad_enabled():
+        raise ValueError("with_ce is for evaluation: call it under torch.no_grad()")
+    if not objective.fused:
+        return _losses_from_logits(student, teacher, batch, objective,
+                                   autocast_dtype=autocast_dtype, with_ce=with_ce)
+    mask, targets = response_mask(batch["labels"])
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    device_type = batch["input_ids"].device.type
+    with torch.no_grad():
+        taught = hidden_and_head(teacher, **inputs)
+    teacher_rows = TeacherHead(taught.hidden.reshape(-1, taught.hidden.shape[-1]),
+                               taught.weight, taught.bias)
+    ratio = objective.kd_ratio
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        learner = hidden_and_head(student, **inputs)
+        losses = fused_amid_loss(
+            learner.hidden.reshape(-1, learner.hidden.shape[-1]), learner.weight, learner.bias,
+            teacher_rows, rows, targets.reshape(-1), settings=objective.settings,
+            kd_ratio=0.0 if with_ce else ratio,  # 0: the cross-entropy is computed too
+        )
+    if with_ce:
+        return StepLosses(total=(1.0 - ratio) * losses.ce + ratio * losses.distil,
+                          distil=losses.distil, ce=losses.ce)
+    return StepLosses(total=losses.total, distil=losses.distil, ce=losses.ce)
+
+
+def _losses_from_logits(student, teacher, batch, objective: Objective, *,
+                        autocast_dtype: torch.dtype | None, with_ce: bool) -> StepLosses:
+    """The same objective on both models' full logits (`train.fused_loss: false`): for models
+    that transform logits after their head, and as the reference the fused path is checked by."""
     mask, targets = response_mask(batch["labels"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     device_type = batch["input_ids"].device.type

@@ -121,3 +121,18 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tiny_world, local_ray, t
     for resumed_row, plain_row in zip(history, uninterrupted.history, strict=True):
         for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "rougeL"):
             assert resumed_row[key] == pytest.approx(plain_row[key], rel=1e-6, abs=1e-9), key
+
+
+def test_fused_loss_trains_as_the_full_logits_path(tiny_world, local_ray, tmp_path):
+    # Same seed, two workers (DDP, gradients all-reduced once per step), gradient accumulation
+    # and the LM loss: the fused path gives the losses the full-logits path gives.
+    outcomes = {
+        fused: run_training(tiny_run(tiny_world, tmp_path, f"fused-{fused}", max_steps=4,
+                                     grad_accum=2, fused_loss=fused))
+        for fused in (True, False)
+    }
+    fused_rows, logits_rows = outcomes[True].history, outcomes[False].history
+    assert [row["step"] for row in fused_rows] == [3, 4]
+    for fused_row, logits_row in zip(fused_rows, logits_rows, strict=True):
+        for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "dev_ce"):
+            assert fused_row[key] == pytest.approx(logits_row[key], rel=1e-5), key

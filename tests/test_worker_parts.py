@@ -63,8 +63,9 @@ def test_learning_rate_schedules():
         learning_rate_factor(3, warmup=0, total=20, schedule="cosin")
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kd_ratio", [1.0, 0.25])
-def test_distillation_losses_match_a_direct_computation(kd_ratio):
+def test_distillation_losses_match_a_direct_computation(kd_ratio, fused):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -75,21 +76,36 @@ def test_distillation_losses_match_a_direct_computation(kd_ratio):
     labels[1, 6] = IGNORE_INDEX
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "labels": labels}
-    run = config_from_dict({"train": {"kd_ratio": kd_ratio},
+    run = config_from_dict({"train": {"kd_ratio": kd_ratio, "fused_loss": fused},
                             "amid": {"alpha": 0.5, "lam": 0.3, "order": "qr"}})
-    losses = distillation_losses(student, teacher, batch, Objective.of(run), autocast_dtype=None,
-                                 with_ce=True)
+    objective = Objective.of(run)
+    assert objective.fused is fused
+    losses = distillation_losses(student, teacher, batch, objective, autocast_dtype=None)
+    losses.total.backward()
+    fused_grad = student.transformer.h[0].mlp.c_fc.weight.grad.clone()
+    student.zero_grad()
 
+    # Independently: full logits of both models, the loss on the shifted response positions.
     s_logits = student(input_ids).logits[:, :-1]
-    t_logits = teacher(input_ids).logits[:, :-1]
+    t_logits = teacher(input_ids).logits[:, :-1].detach()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     distil = amid_token_losses(s_logits, t_logits, alpha=0.5, lam=0.3, order="qr")[mask].mean()
     ce = torch.nn.functional.cross_entropy(s_logits[mask], targets[mask])
-    torch.testing.assert_close(losses.distil, distil, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(losses.ce, ce, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(losses.total, (1 - kd_ratio) * ce + kd_ratio * distil,
-                               rtol=1e-5, atol=1e-6)
+    direct_total = (1 - kd_ratio) * ce + kd_ratio * distil
+    torch.testing.assert_close(losses.distil, distil.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.total, direct_total, rtol=1e-5, atol=1e-6)
+    direct_total.backward()
+    torch.testing.assert_close(fused_grad, student.transformer.h[0].mlp.c_fc.weight.grad,
+                               rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # evaluation: the cross-entropy whatever the objective weighs
+        evaluated = distillation_losses(student, teacher, batch, objective, autocast_dtype=None,
+                                        with_ce=True)
+    torch.testing.assert_close(evaluated.ce, ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(evaluated.total, direct_total.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="with_ce is for evaluation"):
+        distillation_losses(student, teacher, batch, objective, autocast_dtype=None,
+                            with_ce=True)
 
 
 def test_language_modelling_loss_is_next_token_cross_entropy():
