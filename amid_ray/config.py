@@ -265,27 +265,6 @@ class EvalConfig:
         where.at_least("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
 
 
-#: Storage precisions of cached teacher log-probabilities.
-CACHE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-@dataclass
-class CacheConfig:
-    enabled: bool = _help(
-        "train from a teacher-output cache built once per search (top-k log-probabilities at "
-        "every response position) instead of running the teacher in every trial", False)
-    top_k: int = _help("teacher log-probabilities kept per position (the rest as one tail mass)",
-                       64)
-    dtype: str = _help("precision of the cached log-probabilities: float16, bfloat16 or float32",
-                       "float16")
-    dir: str | None = _help(
-        "folder of teacher caches shared between searches (null: <storage>/teacher_cache)", None)
-
-    def check(self, where: _Where) -> None:
-        where.at_least("top_k", self.top_k, 1)
-        where.one_of("dtype", self.dtype, CACHE_DTYPES)
-
-
 @dataclass
 class ResourcesConfig:
     num_workers: int = _help("Ray Train workers per run (DDP)", 1)
@@ -314,7 +293,6 @@ class RunConfig:
     sgo: SGOConfig = _help("student-generated outputs", factory=SGOConfig)
     taid: TAIDConfig = _help("TAID's interpolation schedule (preset taid)", factory=TAIDConfig)
     eval: EvalConfig = _help("evaluation rounds", factory=EvalConfig)
-    cache: CacheConfig = _help("the shared teacher-output cache", factory=CacheConfig)
     resources: ResourcesConfig = _help("workers and storage", factory=ResourcesConfig)
     search: dict[str, Any] | None = _help("the search section of a search-space file", None)
     #: Where the values came from (a file name, or "defaults"), for error messages.

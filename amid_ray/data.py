@@ -352,3 +352,14 @@ class GenerationCollator:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
         }
+
+
+def response_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which logit positions predict a response token, and the token each predicts.
+
+    The logits at position t predict token t+1, so position t counts when labels[t+1] is not
+    ignored. Working on the unshifted logits avoids copying the `[batch, length, vocab]` tensor.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets != IGNORE_INDEX, targets

@@ -39,6 +39,7 @@ from amid_ray.data import (
     InstructionExample,
     TrainingCollator,
     encode_example,
+    response_mask,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
 from amid_ray.fused_loss import TeacherHead, fused_amid_loss, hidden_and_head
@@ -83,17 +84,6 @@ LM_SEED_OFFSET = 7919
 
 
 # --------------------------------------------------------------------------- batches
-
-
-def response_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which logit positions predict a response token, and the token each predicts.
-
-    The logits at position t predict token t+1, so position t counts when labels[t+1] is not
-    ignored. Working on the unshifted logits avoids copying the `[batch, length, vocab]` tensor.
-    """
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets != IGNORE_INDEX, targets
 
 
 def _optimizer(student: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -9,14 +9,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from amid_ray.config import config_from_dict
-from amid_ray.data import IGNORE_INDEX
+from amid_ray.data import IGNORE_INDEX, response_mask
 from amid_ray.losses import amid_token_losses
 from amid_ray.schedule import learning_rate_factor, micro_batches
 from amid_ray.worker import (
     Objective,
     distillation_losses,
     language_modelling_loss,
-    response_mask,
 )
 
 
