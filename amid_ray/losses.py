@@ -282,15 +282,9 @@ def amid_loss(
     chunk by chunk during forward, so extra memory is bounded by one chunk (plus the gradient of
     the inputs). See `amid_token_losses` for the formula and the other arguments.
     """
-    validate_settings(
-        alpha=alpha,
-        lam=lam,
-        divergence=divergence,
-        order=order,
-        ab_alpha=ab_alpha,
-        ab_beta=ab_beta,
-        detach_assistant=detach_assistant,
-        cross_entropy=cross_entropy,
+    settings = AMiDSettings(  # validated once, then passed on whole
+        alpha=alpha, lam=lam, divergence=divergence, order=order, ab_alpha=ab_alpha,
+        ab_beta=ab_beta, detach_assistant=detach_assistant, cross_entropy=cross_entropy,
     )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -304,19 +298,8 @@ def amid_loss(
         )
     vocab = student_logits.shape[-1]
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    token_loss = partial(
-        amid_token_losses,
-        alpha=alpha,
-        lam=lam,
-        divergence=divergence,
-        order=order,
-        ab_alpha=ab_alpha,
-        ab_beta=ab_beta,
-        detach_assistant=detach_assistant,
-        cross_entropy=cross_entropy,
-    )
     total = chunked_token_loss(
-        token_loss,
+        partial(amid_token_losses, **settings.as_kwargs()),
         student_logits.reshape(-1, vocab),
         teacher_logits.reshape(-1, vocab),
         rows=rows,
@@ -342,16 +325,7 @@ class AMiDSettings:
     cross_entropy: bool = False
 
     def __post_init__(self) -> None:
-        validate_settings(
-            alpha=self.alpha,
-            lam=self.lam,
-            divergence=self.divergence,
-            order=self.order,
-            ab_alpha=self.ab_alpha,
-            ab_beta=self.ab_beta,
-            detach_assistant=self.detach_assistant,
-            cross_entropy=self.cross_entropy,
-        )
+        validate_settings(**self.as_kwargs())
 
     def as_kwargs(self) -> dict:
         return dict(self.__dict__)

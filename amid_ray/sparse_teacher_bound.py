@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 
 from amid_ray.chunked_loss import DEFAULT_CHUNK_ELEMENTS, rows_per_chunk
-from amid_ray.losses import amid_token_losses, is_degenerate, validate_settings
+from amid_ray.losses import AMiDSettings, amid_token_losses, is_degenerate
 from amid_ray.sparse_teacher import TopKRows, reconstruct_logprobs
 
 Interval = tuple[torch.Tensor, torch.Tensor]
@@ -87,66 +87,44 @@ def loss_interval(
     student_logits: torch.Tensor,
     teacher: TopKRows,
     *,
-    alpha: float,
-    lam: float,
-    divergence: str = "kl",
-    order: str = "pr",
-    ab_alpha: float = 0.2,
-    ab_beta: float = 0.7,
-    detach_assistant: bool = False,
-    cross_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    **settings,
 ) -> Interval:
     """Per-token `(lo, hi)` (float64, [n]) containing the AMiD loss of every teacher consistent
-    with the cached `teacher` rows, for student logits `[n, V]`. See the module docstring.
+    with the cached `teacher` rows, for student logits `[n, V]`. `settings` are
+    `losses.AMiDSettings`' fields (`amid_loss`'s keyword arguments). See the module docstring.
     `detach_assistant` changes gradients only, never the value."""
-    lo, hi, _ = _intervals(student_logits, teacher, alpha=alpha, lam=lam, divergence=divergence,
-                           order=order, ab_alpha=ab_alpha, ab_beta=ab_beta,
-                           detach_assistant=detach_assistant, cross_entropy=cross_entropy,
-                           chunk_elements=chunk_elements)
+    lo, hi, _ = _intervals(student_logits, teacher, AMiDSettings(**settings), chunk_elements)
     return lo, hi
 
 
-def loss_error_bound(student_logits: torch.Tensor, teacher: TopKRows, **settings) -> torch.Tensor:
+def loss_error_bound(student_logits: torch.Tensor, teacher: TopKRows, *,
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, **settings) -> torch.Tensor:
     """Per-token bound [n] on |ℓ(p̂) - ℓ(p)| for the reconstruction p̂ of `teacher`:
     max(ℓ_hi - ℓ(p̂), ℓ(p̂) - ℓ_lo) with `loss_interval`'s interval (inf where none is finite).
     Takes `loss_interval`'s keyword arguments."""
-    lo, hi, estimate = _intervals(student_logits, teacher, **settings)
+    lo, hi, estimate = _intervals(student_logits, teacher, AMiDSettings(**settings),
+                                  chunk_elements)
     return torch.maximum(hi - estimate, estimate - lo)
 
 
-def _intervals(
-    student_logits: torch.Tensor,
-    teacher: TopKRows,
-    *,
-    alpha: float,
-    lam: float,
-    divergence: str = "kl",
-    order: str = "pr",
-    ab_alpha: float = 0.2,
-    ab_beta: float = 0.7,
-    detach_assistant: bool = False,
-    cross_entropy: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _intervals(student_logits: torch.Tensor, teacher: TopKRows, settings: AMiDSettings,
+               chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lo, hi, ℓ(p̂)) per token, chunk by chunk."""
-    validate_settings(alpha=alpha, lam=lam, divergence=divergence, order=order,
-                      ab_alpha=ab_alpha, ab_beta=ab_beta, detach_assistant=detach_assistant,
-                      cross_entropy=cross_entropy)
-    if divergence == "ab" and (ab_alpha <= 0 or ab_beta <= 0):
+    if settings.divergence == "ab" and (settings.ab_alpha <= 0 or settings.ab_beta <= 0):
         raise ValueError(f"the sparse-teacher bound is derived for positive ab_alpha and ab_beta, "
-                         f"got {ab_alpha!r} and {ab_beta!r}")
+                         f"got {settings.ab_alpha!r} and {settings.ab_beta!r}")
     if student_logits.dim() != 2 or student_logits.shape[0] != len(teacher):
         raise ValueError(f"student_logits must be [{len(teacher)}, V] (one row per cached row), "
                          f"got {tuple(student_logits.shape)}")
-    settings = dict(alpha=alpha, lam=lam, divergence=divergence, order=order, ab_alpha=ab_alpha,
-                    ab_beta=ab_beta, cross_entropy=cross_entropy)
+    value_settings = settings.as_kwargs()
+    del value_settings["detach_assistant"]  # gradients only
     chunk = rows_per_chunk(student_logits.shape[1], chunk_elements)
     parts = [torch.zeros((3, 0), dtype=_F64, device=student_logits.device)]
     for start in range(0, len(teacher), chunk):
         index = torch.arange(start, min(start + chunk, len(teacher)), device=teacher.ids.device)
         parts.append(torch.stack(_chunk_interval(student_logits[start : start + chunk],
-                                                 teacher.select(index), **settings)))
+                                                 teacher.select(index), **value_settings)))
     lo, hi, estimate = torch.cat(parts, dim=1)
     return lo, hi, estimate
 
