@@ -37,8 +37,8 @@ def _prepare_demo(run: RunConfig) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from amid_ray.cluster import ray_session
+    from amid_ray.metrics import ROUGE_L
     from amid_ray.training import run_training
-    from amid_ray.worker import ROUGE_L
 
     run = load_config(args.config, args.set)  # every config error before Ray starts
     if args.address:

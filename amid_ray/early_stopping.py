@@ -22,8 +22,8 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler
 
 from amid_ray.atomic import write_text_atomic
+from amid_ray.metrics import STEP
 from amid_ray.search_space import SchedulerSpec
-from amid_ray.worker import STEP
 
 #: The rung records of a search's scheduler, in its search folder.
 RUNGS_FILE = "asha_rungs.json"

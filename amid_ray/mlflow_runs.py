@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from amid_ray.atomic import write_text_atomic
 from amid_ray.config import flatten_dotted
-from amid_ray.worker import CURVE_METRICS
+from amid_ray.metrics import CURVE_METRICS
 
 logger = logging.getLogger(__name__)
 

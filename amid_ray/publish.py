@@ -19,9 +19,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from amid_ray.metrics import BEST_ROUGE_L, ROUGE_L, STEP
 from amid_ray.mlflow_runs import TRIAL_ID_TAG, SearchRuns, as_plain_data, is_number
 from amid_ray.results import ERROR, FINISHED, STOPPED_EARLY
-from amid_ray.worker import BEST_ROUGE_L, ROUGE_L, STEP
 
 if TYPE_CHECKING:
     import optuna

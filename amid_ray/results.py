@@ -19,11 +19,12 @@ from ray.tune import ExperimentAnalysis
 
 from amid_ray.atomic import atomic_folder
 from amid_ray.config import RunConfig, point_config
+from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.sampling import optuna_distribution
 from amid_ray.search_space import PRESET_KEY, SearchSpec
 from amid_ray.selection import LEVEL, Interval, bootstrap_interval, paired_difference
 from amid_ray.training import TrainOutcome, read_outcome
-from amid_ray.worker import DEV_SCORES_FILE, ROUGE_L, STEP, VAL_LOSS
+from amid_ray.worker import DEV_SCORES_FILE
 
 #: Folder of the search folder holding each trial's Ray Train run, named by trial id.
 TRIALS_DIR = "trials"

@@ -25,8 +25,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from amid_ray.config import flatten_dotted, point_config
+from amid_ray.metrics import BEST_ROUGE_L, STEP
 from amid_ray.search_space import PRESET_KEY, Param, SearchSpec
-from amid_ray.worker import BEST_ROUGE_L, STEP
 
 #: The study's SQLite file in the search folder (when `search.storage` is not set).
 STUDY_FILE = "optuna.db"

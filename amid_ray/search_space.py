@@ -28,6 +28,7 @@ from typing import Any
 
 from amid_ray.errors import ConfigError
 from amid_ray.losses import PRESETS, is_degenerate
+from amid_ray.metrics import BEST_ROUGE_L, ROUGE_L, VAL_LOSS
 
 PARAM_TYPES = ("categorical", "uniform", "loguniform", "int", "grid")
 #: Config key that carries a baseline preset into a trial.
@@ -51,7 +52,7 @@ class Param:
 
 
 #: Metrics ASHA may compare trials by, and whether higher is better.
-SCHEDULER_METRICS = {"best_rougeL": "max", "rougeL": "max", "val_loss": "min"}
+SCHEDULER_METRICS = {BEST_ROUGE_L: "max", ROUGE_L: "max", VAL_LOSS: "min"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class SchedulerSpec:
 
     grace_rounds: int = 1
     reduction_factor: int = 2
-    metric: str = "best_rougeL"
+    metric: str = BEST_ROUGE_L
 
     @property
     def mode(self) -> str:
@@ -103,7 +104,6 @@ class SearchSpec:
     num_samples: int = 8
     max_concurrent: int = 1
     seed: int = 0
-    metric: str = "best_rougeL"
     scheduler: SchedulerSpec | None = SchedulerSpec()
     sampler: SamplerSpec = SamplerSpec()
     #: Optuna study storage (an SQLAlchemy URL); None: `sqlite:///<search folder>/optuna.db`.
@@ -254,7 +254,7 @@ def _parse_scheduler(raw: Any, fail) -> SchedulerSpec | None:
         fail("scheduler", raw, f"unknown fields {sorted(extra)}")
     grace = raw.get("grace_rounds", 1)
     factor = raw.get("reduction_factor", 2)
-    metric = raw.get("metric", "best_rougeL")
+    metric = raw.get("metric", BEST_ROUGE_L)
     if metric not in SCHEDULER_METRICS:
         fail("scheduler.metric", metric, f"must be one of {sorted(SCHEDULER_METRICS)}")
     if not isinstance(grace, int) or grace < 1:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import RunStatus
 from ray.tune import Callback
 
+from amid_ray.metrics import STEP
 from amid_ray.mlflow_runs import SearchRuns, is_number
-from amid_ray.worker import STEP
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial

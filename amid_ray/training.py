@@ -12,6 +12,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from amid_ray.config import RunConfig
+from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.sources import absolute_paths
 from amid_ray.worker import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
 
@@ -42,7 +43,7 @@ def build_trainer(run: RunConfig, *, name: str | None = None,
             storage_path=storage_root(run),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=resources.keep_checkpoints,
-                checkpoint_score_attribute="rougeL",
+                checkpoint_score_attribute=ROUGE_L,
                 checkpoint_score_order="max",
             ),
             # A finite controller limit: a run whose workers cannot start must fail, not hang.
@@ -67,11 +68,11 @@ class TrainOutcome:
         final = self.history[-1] if self.history else {}
         return {
             "best_checkpoint": self.best_checkpoint,
-            "rougeL": self.best_metrics.get("rougeL"),
-            "val_loss": self.best_metrics.get("val_loss"),
-            "best_step": self.best_metrics.get("step"),
-            "steps": final.get("step"),
-            "final_rougeL": final.get("rougeL"),
+            ROUGE_L: self.best_metrics.get(ROUGE_L),
+            VAL_LOSS: self.best_metrics.get(VAL_LOSS),
+            "best_step": self.best_metrics.get(STEP),
+            "steps": final.get(STEP),
+            f"final_{ROUGE_L}": final.get(ROUGE_L),
             "result_dir": self.result_dir,
         }
 
@@ -88,10 +89,10 @@ def read_outcome(result: ray.train.Result) -> TrainOutcome:
         if history_file.is_file():
             history = json.loads(history_file.read_text())
     scored = [(metrics, ckpt) for ckpt, metrics in (result.best_checkpoints or [])
-              if math.isfinite(metrics.get("rougeL", math.nan))]
+              if math.isfinite(metrics.get(ROUGE_L, math.nan))]
     if not scored:
         return TrainOutcome(result.path, None, {}, history)
-    metrics, checkpoint = max(scored, key=lambda pair: pair[0]["rougeL"])
+    metrics, checkpoint = max(scored, key=lambda pair: pair[0][ROUGE_L])
     best = str(Path(checkpoint.path) / MODEL_DIR)
     return TrainOutcome(result.path, best, {k: _plain(v) for k, v in metrics.items()}, history)
 

@@ -45,6 +45,20 @@ from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
 from amid_ray.fused_loss import TeacherHead, fused_amid_loss, hidden_and_head
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
+from amid_ray.metrics import (
+    BEST_ROUGE_L,
+    DEV_CE,
+    DISTIL_LOSS,
+    LEARNING_RATE,
+    LM_LOSS,
+    ROUGE_L,
+    SGO_THRESHOLD,
+    STEP,
+    TAID_T,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
 from amid_ray.models import freeze_teacher, save_model
 from amid_ray.schedule import learning_rate_factor, micro_batches
 from amid_ray.sgo import (
@@ -54,24 +68,6 @@ from amid_ray.sgo import (
     generate_student_batch,
 )
 from amid_ray.sources import load_models, load_train_dev
-
-#: Names of the metrics a worker reports each evaluation round (what Tune, the search and MLflow
-#: read); spelled here, where they are produced, and imported everywhere else.
-STEP = "step"
-ROUGE_L = "rougeL"
-BEST_ROUGE_L = "best_rougeL"
-VAL_LOSS = "val_loss"
-DEV_CE = "dev_ce"
-TRAIN_LOSS = "train_loss"
-DISTIL_LOSS = "distil_loss"
-LM_LOSS = "lm_loss"
-LEARNING_RATE = "lr"
-TOKENS_PER_S = "tokens_per_s"
-SGO_THRESHOLD = "sgo_threshold"
-TAID_T = "taid_t"
-#: The metrics worth a curve per trial (numeric, one value per evaluation round).
-CURVE_METRICS = (ROUGE_L, VAL_LOSS, DEV_CE, TRAIN_LOSS, DISTIL_LOSS, LM_LOSS, TOKENS_PER_S,
-                 LEARNING_RATE, SGO_THRESHOLD, TAID_T)
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"

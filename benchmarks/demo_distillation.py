@@ -26,10 +26,11 @@ from amid_ray import cluster
 from amid_ray.config import load_config
 from amid_ray.data import load_examples
 from amid_ray.evaluation import GenerationSettings, evaluate
+from amid_ray.metrics import VAL_LOSS
 from amid_ray.models import load_causal_lm
 from amid_ray.sources import demo_assets, load_models, load_train_dev
 from amid_ray.training import run_training
-from amid_ray.worker import VAL_LOSS, Objective, dev_losses, dev_rouge_l
+from amid_ray.worker import Objective, dev_losses, dev_rouge_l
 
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 #: Need nothing beyond the standard library.
-STDLIB_ONLY = ("amid_ray.errors", "amid_ray.atomic", "amid_ray.taid")
+STDLIB_ONLY = ("amid_ray.errors", "amid_ray.atomic", "amid_ray.taid", "amid_ray.metrics")
 #: Need only torch (imported just before them, so anything else they add is charged to them).
 TORCH_ONLY = ("amid_ray.chunked_loss", "amid_ray.losses", "amid_ray.schedule",
               "amid_ray.fused_loss", "amid_ray.sparse_teacher", "amid_ray.sparse_teacher_bound")
