@@ -343,7 +343,12 @@ def test_evaluate_with_a_real_tiny_model(tokenizer, tiny_model):
     report = evaluation.evaluate(tiny_model, tokenizer, sets, SMALL, seeds=(1, 2))
     scores = report.sets["tiny"]
     assert scores.size == 3 and len(scores.rouge_l) == 2
-    assert all(0.0 <= value <= 100.0 for value in scores.rouge_l + scores.exact_match)
+    examples = sets["tiny"]
+    for seed, value in zip((1, 2), scores.rouge_l, strict=True):  # recomputed independently
+        answers = evaluation.generate_responses(tiny_model, tokenizer,
+                                                [e.prompt for e in examples], SMALL, seed=seed)
+        assert value == pytest.approx(evaluation.rouge_l(answers,
+                                                         [e.references for e in examples]))
     assert report.format_table().splitlines()[2].startswith("tiny  3")
 
 
