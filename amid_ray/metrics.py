@@ -13,7 +13,9 @@ LM_LOSS = "lm_loss"
 LEARNING_RATE = "lr"
 TOKENS_PER_S = "tokens_per_s"
 SGO_THRESHOLD = "sgo_threshold"
+#: Adaptive SGO: the dev cross-entropy a round is compared with (set before the first step).
+SGO_REFERENCE_CE = "sgo_reference_ce"
 TAID_T = "taid_t"
 #: The metrics worth a curve per trial (numeric, one value per evaluation round).
 CURVE_METRICS = (ROUGE_L, VAL_LOSS, DEV_CE, TRAIN_LOSS, DISTIL_LOSS, LM_LOSS, TOKENS_PER_S,
-                 LEARNING_RATE, SGO_THRESHOLD, TAID_T)
+                 LEARNING_RATE, SGO_THRESHOLD, SGO_REFERENCE_CE, TAID_T)

@@ -52,6 +52,7 @@ from amid_ray.metrics import (
     LEARNING_RATE,
     LM_LOSS,
     ROUGE_L,
+    SGO_REFERENCE_CE,
     SGO_THRESHOLD,
     STEP,
     TAID_T,
@@ -605,6 +606,9 @@ class DistillationWorker:
         # The running best is what a search ranks trials by (the kept checkpoint is the best).
         metrics[BEST_ROUGE_L] = max([metrics[ROUGE_L]] + [h[ROUGE_L] for h in self.history])
         if run.sgo.enabled:
+            reference = getattr(self.sgo_scheduler, "reference_ce", None)
+            if reference is not None:  # what this round's dev_ce is compared with
+                metrics[SGO_REFERENCE_CE] = reference
             self.sgo_scheduler.observe_eval(metrics[DEV_CE])
         metrics[SGO_THRESHOLD] = self.sgo_scheduler.threshold
         if self.taid is not None:

@@ -43,10 +43,21 @@ def tiny_run(world, storage: Path, name: str, sgo: dict | None = None, **train):
 def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, local_ray,
                                                                  tmp_path):
     # Most steps on student-generated answers (DistiLLM's scheme), fresh or replayed.
-    sgo = {"enabled": True, "init_threshold": 0.8, "max_new_tokens": 8, "replay_capacity": 16}
+    sgo = {"enabled": True, "init_threshold": 0.8, "loss_eps": 0.0, "max_new_tokens": 8,
+           "replay_capacity": 16}
     outcome = run_training(tiny_run(tiny_world, tmp_path, "two-workers", sgo=sgo))
     steps = [row["step"] for row in outcome.history]
     assert steps == [3, 6]
+    # Adaptive SGO as released, checked round by round on what the run reported: the first
+    # reference is the dev cross-entropy before the first step; tau rises by 0.1 when dev_ce
+    # reaches the reference (+ loss_eps 0), and the reference then moves to that dev_ce.
+    reference, tau = outcome.history[0]["sgo_reference_ce"], 0.8
+    for row in outcome.history:
+        assert row["sgo_reference_ce"] == pytest.approx(reference)
+        if row["dev_ce"] >= reference:
+            tau, reference = min(tau + 0.1, 1.0), row["dev_ce"]
+        assert row["sgo_threshold"] == pytest.approx(tau)
+    print("dev_ce per round:", [row["dev_ce"] for row in outcome.history], "tau:", tau)
     for row in outcome.history:
         for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "rougeL",
                     "tokens_per_s"):
