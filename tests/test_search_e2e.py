@@ -49,6 +49,9 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
         assert max(v for _, v in rouge_curve) == pytest.approx(record.best_rougeL)
         if "amid.alpha" in record.params:
             assert float(child["params"]["alpha"]) == pytest.approx(record.params["amid.alpha"])
+        # Every trial has its dev cross-entropy and SGO tau curves, a point per round.
+        assert len(child["metrics"]["dev_ce"]) == len(child["metrics"]["sgo_threshold"]) == len(
+            rouge_curve)
     assert tracked["parent"]["status"] == "FINISHED"
     curves = [[v for _, v in children[r.trial_id]["metrics"]["val_loss"]] for r in records]
     print("val_loss per round, in trial order:", curves)

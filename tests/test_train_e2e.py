@@ -147,3 +147,20 @@ def test_fused_loss_trains_as_the_full_logits_path(tiny_world, local_ray, tmp_pa
     for fused_row, logits_row in zip(fused_rows, logits_rows, strict=True):
         for key in ("train_loss", "distil_loss", "lm_loss", "val_loss", "dev_ce"):
             assert fused_row[key] == pytest.approx(logits_row[key], rel=1e-5), key
+
+
+def test_adaptive_sgo_raises_tau_exactly_when_the_dev_cross_entropy_rule_says(
+        tiny_world, local_ray, tmp_path):
+    # A learning rate far too high makes the dev cross-entropy rise, so tau must rise from 0
+    # (the released start) and the student then generates; the rule is replayed independently.
+    sgo = {"enabled": True, "init_threshold": 0.0, "max_new_tokens": 8, "replay_capacity": 8}
+    outcome = run_training(tiny_run(tiny_world, tmp_path, "sgo-raise", sgo=sgo, lr=1.0,
+                                    max_steps=6))
+    reference, tau, raises = outcome.history[0]["sgo_reference_ce"], 0.0, []
+    for row in outcome.history:
+        assert row["sgo_reference_ce"] == pytest.approx(reference)
+        if row["dev_ce"] >= reference + 0.1:
+            tau, reference = min(tau + 0.1, 1.0), row["dev_ce"]
+            raises.append(row["step"])
+        assert row["sgo_threshold"] == pytest.approx(tau)
+    assert raises, [row["dev_ce"] for row in outcome.history]  # the check can fail
