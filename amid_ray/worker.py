@@ -470,8 +470,9 @@ class DistillationWorker:
 
     def train(self) -> None:
         run = self.run
-        if run.sgo.enabled and self.step == 0:
-            # Adaptive SGO's reference: the dev cross-entropy before the first step.
+        if run.sgo.enabled and run.sgo.scheme == "adaptive" and self.step == 0:
+            # Adaptive SGO's reference: the dev cross-entropy before the first step (the mixed
+            # scheme reads no dev signal, so it skips this pass).
             self.sgo_scheduler.observe_eval(self._dev_losses()[DEV_CE])
         window = _Window()
         while self.step < run.train.max_steps:
