@@ -1,7 +1,8 @@
 """The Ray Train per-worker loop: batches → teacher/student logits → AMiD loss → step → report.
 
 `train_loop_per_worker(config)` is a plain function of the run configuration (as a dict); Ray
-Train runs one copy per worker. It reads in three parts, as torchtune's recipes do:
+Train runs one copy per worker. (`DistillationWorker(run, LocalSession(...))` runs one in this
+process without Ray: `train_session`.) It reads in three parts, as torchtune's recipes do:
 
 - `DistillationWorker.__init__` (setup): the frozen teacher, the student under DDP, the data
   streams, the optimizer, the objective, and the state a checkpoint restores;
@@ -24,14 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from ray.train import Checkpoint
 
 from amid_ray.config import RunConfig, config_from_dict
 from amid_ray.data import (
@@ -69,6 +66,7 @@ from amid_ray.sgo import (
     generate_student_batch,
 )
 from amid_ray.sources import load_models, load_train_dev
+from amid_ray.train_session import RayTrainSession, TrainSession
 
 TRAINER_STATE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -383,11 +381,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class DistillationWorker:
     """One Ray Train worker of a distillation run (see the module docstring)."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, session: TrainSession | None = None):
         self.run = run
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.session = session or RayTrainSession()
+        self.rank, self.world_size = self.session.rank, self.session.world_size
+        self.device = self.session.device
         on_gpu = self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if on_gpu else None
         seed = run.train.seed
@@ -414,14 +412,13 @@ class DistillationWorker:
         self.collate = TrainingCollator(self.tokenizer.pad_token_id)
         self.lm_blocks = corpus_blocks(run, self.tokenizer, self.world_size)
 
-        checkpoint = ray.train.get_checkpoint()
         restored: TrainerState | None = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                student = type(student).from_pretrained(Path(folder) / MODEL_DIR)
-                restored = TrainerState.load(Path(folder))
+        with self.session.restored() as folder:
+            if folder is not None:
+                student = type(student).from_pretrained(folder / MODEL_DIR)
+                restored = TrainerState.load(folder)
         student.train()
-        self.model = ray.train.torch.prepare_model(student)
+        self.model = self.session.prepare_model(student)
         self.student = self.model.module if hasattr(self.model, "module") else self.model
         self.optimizer = _optimizer(self.model, run.train.lr, run.train.weight_decay)
 
@@ -589,7 +586,7 @@ class DistillationWorker:
             LEARNING_RATE: self.lr,
             TOKENS_PER_S: tokens / elapsed,
             "restored_step": self.restored_step,
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": self.session.node_id,
         }
         metrics |= self._dev_losses()
         began = time.perf_counter()
@@ -627,6 +624,6 @@ class DistillationWorker:
         with tempfile.TemporaryDirectory(prefix="amid-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
-                state.save(Path(folder), self.student, self.tokenizer, self.dev_scores)
-                checkpoint = Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                checkpoint = Path(folder)
+                state.save(checkpoint, self.student, self.tokenizer, self.dev_scores)
+            self.session.report(metrics, checkpoint)
