@@ -54,6 +54,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- teacher cache
+
+
+def cmd_teacher_cache(args: argparse.Namespace) -> int:
+    from amid_ray.cache_stage import build_run_caches
+    from amid_ray.cluster import ray_session
+
+    run = load_config(args.config, [*args.set, "cache.enabled=true"])
+    _prepare_demo(run)
+    with ray_session(args.address or run.resources.address):
+        begin = time.perf_counter()
+        caches = build_run_caches(run)
+    _print_json_last({
+        "folders": {split: str(cache.folder) for split, cache in caches.items()},
+        "positions": {split: cache.num_positions for split, cache in caches.items()},
+        "size_mib": round(sum(c.size_bytes for c in caches.values()) / 2**20, 2),
+        "wall_s": round(time.perf_counter() - begin, 1),
+    })
+    return 0
+
+
 # --------------------------------------------------------------------------- tune / resume / best
 
 
@@ -250,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding (one pass)")
     evaluate.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     evaluate.set_defaults(handler=cmd_eval)
+
+    cache = commands.add_parser(
+        "teacher-cache", help="build a config's teacher-output cache (what searches with "
+        "cache.enabled build first)",
+        description="Run the frozen teacher once over the training and dev data and store its "
+        "top-k log-probabilities at every response position (cache.top_k, cache.dtype, under "
+        "cache.dir), sharded, on Ray. Resumable: shards already built are kept, and a cache "
+        "for the same teacher, tokenizer, data, lengths, k and dtype is reused. The last "
+        "stdout line is a JSON summary.")
+    cache.add_argument("--config", help="YAML run configuration or search-space file (default: "
+                       "the embedded demo)")
+    cache.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set cache.top_k=64 (repeatable)")
+    cache.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    cache.set_defaults(handler=cmd_teacher_cache)
 
     tune_cmd = commands.add_parser(
         "tune", help="run a hyperparameter search (default: the embedded demo)",

@@ -283,6 +283,34 @@ class ResourcesConfig:
         where.at_least("keep_checkpoints", self.keep_checkpoints, 1)
 
 
+#: Storage dtypes of cached teacher log-probabilities (`teacher_cache.STORAGE_DTYPES`).
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+#: What a teacher cache's content depends on besides its own settings: a search that varies any
+#: of these would need one cache per trial, so they cannot be searched with the cache on.
+CACHE_INPUT_SECTIONS = ("models", "data", "cache")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _help(
+        "train from a teacher-output cache built once per search (and reused by later searches "
+        "over the same inputs): ground-truth batches run no teacher; student-generated ones "
+        "still do", False)
+    top_k: int = _help(
+        "teacher log-probabilities kept per response position; the rest of the distribution "
+        "is kept as one tail mass (exact when top_k is the vocabulary size)", 256)
+    dtype: str = _help("storage dtype of the cached log-probabilities", "float32")
+    dir: str | None = _help(
+        "folder of teacher caches, shareable across searches (null: "
+        "<resources.storage>/teacher-cache)", None)
+
+    def check(self, where: _Where) -> None:
+        where.at_least("top_k", self.top_k, 1)
+        where.one_of("dtype", self.dtype, CACHE_DTYPES)
+        if self.dir is not None and not is_local_path(self.dir):
+            where.fail("dir", self.dir, "a local or mounted folder (not a name or URI)")
+
+
 @dataclass
 class RunConfig:
     name: str = _help("name of the run or search (a folder under resources.storage)", "amid")
@@ -294,6 +322,7 @@ class RunConfig:
     taid: TAIDConfig = _help("TAID's interpolation schedule (preset taid)", factory=TAIDConfig)
     eval: EvalConfig = _help("evaluation rounds", factory=EvalConfig)
     resources: ResourcesConfig = _help("workers and storage", factory=ResourcesConfig)
+    cache: CacheConfig = _help("the shared teacher-output cache", factory=CacheConfig)
     search: dict[str, Any] | None = _help("the search section of a search-space file", None)
     #: Where the values came from (a file name, or "defaults"), for error messages.
     source: str = field(default="defaults", metadata={"help": "", "internal": True})
@@ -455,13 +484,30 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
     if sgo.enabled and sgo.replay_capacity < train.batch_size:
         raise ConfigError(source, "sgo.replay_capacity", sgo.replay_capacity,
                           f"must hold at least one batch (train.batch_size = {train.batch_size})")
+    _check_cache(sections["cache"], train, source)
     run = RunConfig(name=name, search=search, source=source, **sections)
     base = run.to_dict()
     run.search_spec = parse_search_section(
         search, source, base=base,
         check_point=lambda point: point_config(base, point, source="search point"),
     )
+    if run.cache.enabled and run.search_spec is not None:
+        varied = [key for key in run.search_spec.keys
+                  if key.split(".")[0] in CACHE_INPUT_SECTIONS
+                  or (key == "train.seed" and run.data.dev is None)]
+        if varied:
+            raise ConfigError(source, "cache.enabled", True,
+                              f"a teacher cache is built once for the search's data and models, "
+                              f"but the search varies {varied}; fix those keys or turn the "
+                              "cache off")
     return run
+
+
+def _check_cache(cache: CacheConfig, train: TrainConfig, source: str) -> None:
+    if cache.enabled and not train.fused_loss:
+        raise ConfigError(source, "cache.enabled", True,
+                          "the cached teacher feeds the fused loss; it needs train.fused_loss: "
+                          "true")
 
 
 #: What each classic objective's authors ran besides its loss (docs/RECIPE.md, with the scripts):

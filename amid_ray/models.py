@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -101,15 +102,29 @@ def load_causal_lm(
     folder, extra = _pretrained_location(source)
     # Without an explicit dtype, transformers keeps its own default (the checkpoint's dtype).
     dtype_arg = {"dtype": dtype} if dtype is not None else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, **extra, **dtype_arg
     )
-    _ensure_pad_token(tokenizer, source)
     if model.generation_config.pad_token_id is None:
         # Otherwise generate() warns and guesses on every call.
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory or `.gguf` file (padding with EOS if it has no pad)."""
+    source = Path(source)
+    folder, extra = _pretrained_location(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    _ensure_pad_token(tokenizer, source)
+    return tokenizer
+
+
+def logits_width(source: str | Path) -> int:
+    """Logits per position of the model at `source`, read from its config (no weights)."""
+    folder, extra = _pretrained_location(Path(source))
+    return int(AutoConfig.from_pretrained(folder, local_files_only=True, **extra).vocab_size)
 
 
 def freeze_teacher(model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:

@@ -10,6 +10,7 @@ the sampler's model learns from them.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from amid_ray.config import flatten_dotted, point_config
@@ -174,3 +175,36 @@ def make_searcher(spec: SearchSpec, base: dict[str, Any], search_dir: Path,
         points_to_evaluate=[baseline_point(spec, base, name) for name in spec.baselines],
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
+
+
+class FixedPoints(Searcher):
+    """Proposes a fixed list of points (a grid, or baselines only) in order, each once.
+
+    Tune's `BasicVariantGenerator` looks each key of its `points_to_evaluate` up in a
+    `param_space`, which a search of dotted keys does not have; this searcher hands the points
+    over as they are. Its position is saved with the search (JSON), so a resumed grid goes on
+    where it stopped.
+    """
+
+    def __init__(self, points: list[dict[str, Any]]):
+        super().__init__(metric=BEST_ROUGE_L, mode="max")
+        self.points = [dict(point) for point in points]
+        self.proposed = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+        if self.proposed >= len(self.points):
+            return Searcher.FINISHED
+        self.proposed += 1
+        return dict(self.points[self.proposed - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        pass  # nothing to learn: the points are fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"points": self.points,
+                                                     "proposed": self.proposed}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        saved = json.loads(Path(checkpoint_path).read_text())
+        self.points, self.proposed = saved["points"], saved["proposed"]

@@ -23,9 +23,11 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import ConcurrencyLimiter
 
 from amid_ray.atomic import recover_folder, write_text_atomic
+from amid_ray.cache_plan import cache_root
+from amid_ray.cache_stage import build_run_caches
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
 from amid_ray.config import ConfigError, RunConfig, config_from_dict, point_config, read_yaml
 from amid_ray.early_stopping import make_scheduler
@@ -39,7 +41,7 @@ from amid_ray.results import (
     read_results,
     study_from_trials,
 )
-from amid_ray.sampling import make_searcher
+from amid_ray.sampling import FixedPoints, make_searcher
 from amid_ray.search_space import PRESET_KEY, SearchSpec, grid_points
 from amid_ray.tracking import MLflowSearchTracker
 from amid_ray.training import build_trainer, storage_root
@@ -96,7 +98,7 @@ def total_trials(spec: SearchSpec) -> int:
 def _search_algorithm(run: RunConfig, spec: SearchSpec, search_dir: Path):
     points = fixed_points(spec)
     if points is not None:
-        return BasicVariantGenerator(points_to_evaluate=points)
+        return ConcurrencyLimiter(FixedPoints(points), max_concurrent=spec.max_concurrent)
     return make_searcher(spec, run.to_dict(), search_dir, study_name=search_dir.name)
 
 
@@ -198,6 +200,10 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
                               f"a search already exists in {search_dir}; resume it with "
                               f"`amid-ray resume {search_dir}` or choose another --name")
     spec = search_spec(run)
+    if run.cache.enabled:
+        # Before anything is written to the search folder; trials read it from this folder.
+        run.cache.dir = str(cache_root(run))
+        build_run_caches(run)
     if resume_dir is None:
         save_search_file(run, search_dir)
         save_tracking_uri(search_dir, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from amid_ray.cache_plan import cache_root
 from amid_ray.config import DEMO, SMOLLM2, DataConfig, ModelsConfig, RunConfig, is_local_path
 from amid_ray.data import InstructionExample, load_examples, split_train_dev
 from amid_ray.models import (
     check_same_tokenizer,
     derive_student,
     load_causal_lm,
+    load_tokenizer,
     smollm2_gguf_path,
 )
 
@@ -56,7 +58,10 @@ def absolute_paths(run: RunConfig) -> RunConfig:
                                  student=fix(run.models.student))
     data = dataclasses.replace(run.data, train=fix(run.data.train), dev=fix(run.data.dev),
                                lm_corpus=fix(run.data.lm_corpus))
-    return dataclasses.replace(run, models=models, data=data)
+    cache = run.cache
+    if cache.enabled:  # workers run elsewhere and may not see the run's storage setting
+        cache = dataclasses.replace(cache, dir=str(cache_root(run)))
+    return dataclasses.replace(run, models=models, data=data, cache=cache)
 
 
 def _model_path(source: str, role: str, progress: bool = False) -> str:
@@ -66,6 +71,24 @@ def _model_path(source: str, role: str, progress: bool = False) -> str:
         return source
     assets = demo_assets(progress)
     return str(assets.teacher_dir if role == "teacher" else assets.student_dir)
+
+
+def teacher_source(models: ModelsConfig) -> str:
+    """Where the teacher is stored (a folder or a `.gguf` file)."""
+    return _model_path(models.teacher, "teacher")
+
+
+def load_student(models: ModelsConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The student and the teacher's tokenizer, without keeping a teacher (a derived student is
+    cut from a teacher that is dropped right after)."""
+    if models.student == "derive":
+        teacher, student, tokenizer = load_models(models)
+        del teacher
+        return student, tokenizer
+    tokenizer = load_tokenizer(teacher_source(models))
+    student, student_tokenizer = load_causal_lm(_model_path(models.student, "student"))
+    check_same_tokenizer(tokenizer, student_tokenizer, None, student)
+    return student, tokenizer
 
 
 def load_models(

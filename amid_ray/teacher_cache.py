@@ -123,6 +123,21 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(source: str | Path, dtype: str) -> str:
+    """sha256 of a teacher as stored (a `.gguf` file, or every file of a model folder: relative
+    name and bytes, in name order) and of the dtype it runs in: what a worker can check without
+    loading the teacher."""
+    source = Path(source)
+    digest = hashlib.sha256(f"dtype={dtype}|".encode())
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        digest.update(f"{path.relative_to(source) if path != source else path.name}|".encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's vocabulary (token ↔ id), special tokens and EOS / pad ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])

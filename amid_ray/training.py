@@ -11,6 +11,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from amid_ray.cache_stage import build_run_caches
 from amid_ray.config import RunConfig
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.sources import absolute_paths
@@ -102,5 +103,8 @@ def _plain(value: Any) -> Any:
 
 
 def run_training(run: RunConfig) -> TrainOutcome:
-    """Run (or resume, if the named run exists in storage) one distillation to the end."""
+    """Run (or resume, if the named run exists in storage) one distillation to the end, after
+    building its teacher cache if it uses one."""
+    if run.cache.enabled:
+        build_run_caches(run)
     return read_outcome(build_trainer(run).fit())

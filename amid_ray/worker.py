@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 
+from amid_ray.cache_plan import encode_all, open_run_caches, plan_caches
 from amid_ray.config import RunConfig, config_from_dict
 from amid_ray.data import (
     IGNORE_INDEX,
@@ -39,7 +40,7 @@ from amid_ray.data import (
     response_mask,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
-from amid_ray.fused_loss import TeacherHead, fused_amid_loss, hidden_and_head
+from amid_ray.fused_loss import TeacherHead, TeacherRows, fused_amid_loss, hidden_and_head
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.metrics import (
@@ -65,7 +66,8 @@ from amid_ray.sgo import (
     ReplayBuffer,
     generate_student_batch,
 )
-from amid_ray.sources import load_models, load_train_dev
+from amid_ray.sources import load_models, load_student, load_train_dev, teacher_source
+from amid_ray.teacher_cache import TeacherCache
 from amid_ray.train_session import RayTrainSession, TrainSession
 
 TRAINER_STATE = "trainer_state.pt"
@@ -123,7 +125,7 @@ class StepLosses:
 
 def distillation_losses(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | TeacherRows,
     batch: dict[str, torch.Tensor],
     objective: Objective,
     *,
@@ -134,22 +136,30 @@ def distillation_losses(
     fused loss forms logits only at positions that predict a response token, a chunk at a time
     (`fused_loss.fused_amid_loss`), so no `[batch, length, vocab]` tensor is ever held.
 
+    `teacher` is the live teacher model, or the batch's teacher read from a cache
+    (`SparseTeacherRows`: no teacher forward pass at all).
+
     The cross-entropy is computed when the objective weighs it; `with_ce` (evaluation, without
     gradient) asks for it whatever the weight.
     """
     if with_ce and torch.is_grad_enabled():
         raise ValueError("with_ce is for evaluation: call it under torch.no_grad()")
+    live = isinstance(teacher, torch.nn.Module)
     if not objective.fused:
+        if not live:
+            raise ValueError("a cached teacher feeds the fused loss only (train.fused_loss)")
         return _losses_from_logits(student, teacher, batch, objective,
                                    autocast_dtype=autocast_dtype, with_ce=with_ce)
     mask, targets = response_mask(batch["labels"])
     rows = mask.reshape(-1).nonzero().squeeze(1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     device_type = batch["input_ids"].device.type
-    with torch.no_grad():
-        taught = hidden_and_head(teacher, **inputs)
-    teacher_rows = TeacherHead(taught.hidden.reshape(-1, taught.hidden.shape[-1]),
-                               taught.weight, taught.bias)
+    teacher_rows = teacher
+    if live:
+        with torch.no_grad():
+            taught = hidden_and_head(teacher, **inputs)
+        teacher_rows = TeacherHead(taught.hidden.reshape(-1, taught.hidden.shape[-1]),
+                                   taught.weight, taught.bias)
     ratio = objective.kd_ratio
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
@@ -241,7 +251,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def dev_losses(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     tokenizer,
     dev_examples: list[InstructionExample],
     run: RunConfig,
@@ -251,24 +261,29 @@ def dev_losses(
     world_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    cache: TeacherCache | None = None,
 ) -> dict[str, float]:
     """Token means over this round's dev items (split across workers) of the AMiD loss
     (`val_loss`) and of the student's next-token cross-entropy on the reference answers
-    (`dev_ce`, what adaptive SGO watches)."""
-    mine = dev_examples[: run.eval.num_examples][rank::world_size]
+    (`dev_ce`, what adaptive SGO watches). With `cache` (the dev set's teacher cache) the
+    teacher is read from it instead of run."""
+    mine = list(range(min(run.eval.num_examples, len(dev_examples))))[rank::world_size]
     collate = TrainingCollator(tokenizer.pad_token_id)
     distil_sum, ce_sum, tokens = 0.0, 0.0, 0.0
     was_training = student.training
     student.eval()
     with torch.no_grad():
         for start in range(0, len(mine), run.train.batch_size):
+            indices = mine[start : start + run.train.batch_size]
             encoded = [
-                encode_example(tokenizer, example, max_length=run.data.max_length,
+                encode_example(tokenizer, dev_examples[i], max_length=run.data.max_length,
                                max_prompt_length=run.data.max_prompt_length)
-                for example in mine[start : start + run.train.batch_size]
+                for i in indices
             ]
             batch = {k: v.to(device) for k, v in collate(encoded).items()}
-            losses = distillation_losses(student, teacher, batch, objective,
+            taught = teacher if cache is None else cache.batch_teacher(
+                indices, response_mask(batch["labels"])[0])
+            losses = distillation_losses(student, taught, batch, objective,
                                          autocast_dtype=autocast_dtype, with_ce=True)
             count = float(response_mask(batch["labels"])[0].sum())
             distil_sum += losses.distil.item() * count
@@ -399,16 +414,18 @@ class DistillationWorker:
             "auto": torch.bfloat16 if on_gpu else torch.float32,
             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
         }[run.models.teacher_dtype]
-        teacher, student, self.tokenizer = load_models(run.models)
-        self.teacher = freeze_teacher(teacher, teacher_dtype).to(self.device)
+        # With a teacher cache the teacher runs only for student-generated batches.
+        self.teacher = None
+        if run.cache.enabled and not run.sgo.enabled:
+            student, self.tokenizer = load_student(run.models)
+        else:
+            teacher, student, self.tokenizer = load_models(run.models)
+            self.teacher = freeze_teacher(teacher, teacher_dtype).to(self.device)
         self.objective = Objective.of(run)
 
         self.train_examples, self.dev_examples = load_train_dev(run.data, seed)
-        self.encoded_train = [
-            encode_example(self.tokenizer, example, max_length=run.data.max_length,
-                           max_prompt_length=run.data.max_prompt_length)
-            for example in self.train_examples
-        ]
+        self.encoded_train = encode_all(run, self.tokenizer, self.train_examples)
+        self.caches = self._open_caches(student) if run.cache.enabled else None
         self.collate = TrainingCollator(self.tokenizer.pad_token_id)
         self.lm_blocks = corpus_blocks(run, self.tokenizer, self.world_size)
 
@@ -443,6 +460,16 @@ class DistillationWorker:
             self.step, self.history = restored.step, restored.history
         self.restored_step = self.step
         self._open_streams()
+
+    def _open_caches(self, student: torch.nn.Module) -> dict[str, TeacherCache]:
+        """The run's train and dev teacher caches, checked against what this worker encodes
+        (the cache stage built them before the run started)."""
+        encoded = {"train": self.encoded_train,
+                   "dev": encode_all(self.run, self.tokenizer, self.dev_examples)}
+        plan = plan_caches(self.run, teacher_source(self.run.models), self.tokenizer, encoded,
+                           vocab_size=int(student.config.vocab_size))
+        # The stage read every shard when it finished; here a cheaper check of each file.
+        return open_run_caches(plan, verify=False)
 
     def _open_streams(self) -> None:
         """The data streams, advanced past what the checkpointed run consumed."""
@@ -510,9 +537,9 @@ class DistillationWorker:
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             last = micro == accum - 1
-            batch = self._next_batch()
+            batch, teacher = self._next_batch()
             with self._sync_gradients(last and self.lm_batches is None):
-                losses = distillation_losses(self.model, self.teacher, batch, objective,
+                losses = distillation_losses(self.model, teacher, batch, objective,
                                              autocast_dtype=self.autocast_dtype)
                 (losses.total / accum).backward()
             window.loss += losses.total.item() / accum
@@ -537,22 +564,29 @@ class DistillationWorker:
         self.step += 1
         window.steps += 1
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        """The next micro-batch: ground truth, or (SGO) fresh or replayed student answers."""
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], torch.nn.Module | TeacherRows]:
+        """The next micro-batch (ground truth, or with SGO fresh or replayed student answers)
+        and its teacher: read from the cache for ground truth when there is one, else live."""
         indices = next(self.batches)
         encoded = [self.encoded_train[i] for i in indices]
+        ground_truth = True
         if self.run.sgo.enabled:
-            encoded = self._student_generated_or_not(encoded, indices)
-        return {k: v.to(self.device) for k, v in self.collate(encoded).items()}
+            encoded, ground_truth = self._student_generated_or_not(encoded, indices)
+        batch = {k: v.to(self.device) for k, v in self.collate(encoded).items()}
+        if ground_truth and self.caches is not None:
+            return batch, self.caches["train"].batch_teacher(
+                indices, response_mask(batch["labels"])[0])
+        return batch, self.teacher
 
-    def _student_generated_or_not(self, encoded, indices: list[int]):
+    def _student_generated_or_not(self, encoded, indices: list[int]) -> tuple[list, bool]:
+        """The step's examples and whether they are the ground truth `encoded`."""
         # t counts the step being taken from 1, as the released code does.
         choice = self.sgo_scheduler.choose(
             buffer_full=self.replay.full, progress=(self.step + 1) / self.run.train.max_steps)
         if choice == "ground_truth":
-            return encoded
+            return encoded, True
         if choice == "replay":  # the adaptive rule replays only from a full buffer
-            return self.replay.sample(len(encoded))
+            return self.replay.sample(len(encoded)), False
         run = self.run
         generated = generate_student_batch(
             self.student, self.tokenizer, [self.train_examples[i] for i in indices],
@@ -562,15 +596,16 @@ class DistillationWorker:
         )
         self.replay.push(generated)
         if choice == "generate_and_replay":  # GKD's mixing: train on a batch from the buffer
-            return self.replay.sample(len(encoded))
-        return generated
+            return self.replay.sample(len(encoded)), False
+        return generated, False
 
     # -- evaluation and reports --------------------------------------------------------------
 
     def _dev_losses(self) -> dict[str, float]:
         return dev_losses(self.student, self.teacher, self.tokenizer, self.dev_examples,
                           self.run, self.objective, rank=self.rank, world_size=self.world_size,
-                          device=self.device, autocast_dtype=self.autocast_dtype)
+                          device=self.device, autocast_dtype=self.autocast_dtype,
+                          cache=None if self.caches is None else self.caches["dev"])
 
     def _evaluation_round(self, window: _Window) -> dict[str, Any]:
         run = self.run
