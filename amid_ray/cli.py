@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from amid_ray.config import ConfigError, RunConfig, load_config
+from amid_ray.spaces import config_path
 
 EPILOG = "Run `amid-ray COMMAND --help` for the options of a command."
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -35,16 +36,32 @@ def _prepare_demo(run: RunConfig) -> None:
         demo_assets(progress=True)
 
 
+def _local_ray_lock(run: RunConfig, address: str | None):
+    """Held while this command runs a local Ray: a second local amid-ray Ray is refused."""
+    import contextlib
+
+    import ray
+
+    from amid_ray.preflight import local_ray_lock, ray_address
+
+    if ray_address(run, address)[0] not in (None, "local") or ray.is_initialized():
+        return contextlib.nullcontext()  # a cluster, or a Ray this process already runs
+    return local_ray_lock()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from amid_ray.cluster import ray_session
     from amid_ray.metrics import ROUGE_L
+    from amid_ray.preflight import preflight_run
     from amid_ray.training import run_training
 
-    run = load_config(args.config, args.set)  # every config error before Ray starts
+    # every config error before Ray starts
+    run = load_config(args.config and config_path(args.config), args.set)
+    _prepare_demo(run)
+    preflight_run(run, address=args.address)
     if args.address:
         run.resources.address = args.address
-    _prepare_demo(run)
-    with ray_session(run.resources.address):
+    with _local_ray_lock(run, args.address), ray_session(run.resources.address):
         begin = time.perf_counter()
         outcome = run_training(run)
         summary = outcome.summary() | {"wall_s": round(time.perf_counter() - begin, 1)}
@@ -60,10 +77,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from amid_ray.cache_stage import build_run_caches
     from amid_ray.cluster import ray_session
+    from amid_ray.preflight import preflight_run
 
-    run = load_config(args.config, [*args.set, "cache.enabled=true"])
+    run = load_config(args.config and config_path(args.config),
+                      [*args.set, "cache.enabled=true"])
     _prepare_demo(run)
-    with ray_session(args.address or run.resources.address):
+    preflight_run(run, address=args.address)
+    with _local_ray_lock(run, args.address), ray_session(args.address or run.resources.address):
         begin = time.perf_counter()
         caches = build_run_caches(run)
     _print_json_last({
@@ -78,10 +98,9 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- tune / resume / best
 
 
-DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
-
-
 def _finish_search(outcome) -> int:
+    from amid_ray.preflight import redact_uri
+
     print()
     print(outcome.table)
     print()
@@ -92,7 +111,7 @@ def _finish_search(outcome) -> int:
     print(f"best: trial {outcome.best.trial_id}, ROUGE-L {outcome.best.best_rougeL:.2f}, "
           f"settings {outcome.best_settings}")
     print(f"best checkpoint exported to {outcome.best_dir}")
-    print(f"MLflow: {outcome.tracking_uri}  (amid-ray ui {outcome.search_dir})")
+    print(f"MLflow: {redact_uri(outcome.tracking_uri)}  (amid-ray ui {outcome.search_dir})")
     _print_json_last(outcome.summary())
     return 0
 
@@ -111,7 +130,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                              f"settings it started with (see {Path(args.resume) / 'search.yaml'})")
         return _resume(Path(args.resume), args.address, args.tracking_uri)
     from amid_ray.cluster import ray_session
-    from amid_ray.search import run_search, search_spec
+    from amid_ray.preflight import preflight_run
+    from amid_ray.search import run_search, search_dir_for, search_spec
 
     overrides = list(args.set)
     if args.name is not None:
@@ -120,21 +140,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
         overrides.append(f"resources.storage={args.storage!r}")
     if args.num_samples is not None:
         overrides.append(f"search.num_samples={args.num_samples}")
-    run = load_config(args.config or DEMO_SPACE, overrides)
+    run = load_config(config_path(args.config or "demo"), overrides)
     search_spec(run)  # every search-space error before Ray starts
     _prepare_demo(run)
-    with ray_session(args.address or run.resources.address):
+    preflight_run(run, address=args.address, tracking_uri=args.tracking_uri,
+                  new_search_dir=search_dir_for(run))
+    with _local_ray_lock(run, args.address), ray_session(args.address or run.resources.address):
         outcome = run_search(run, tracking_uri=args.tracking_uri)
     return _finish_search(outcome)
 
 
 def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> int:
     from amid_ray.cluster import ray_session
-    from amid_ray.search import load_search_file, run_search
+    from amid_ray.preflight import check_tracking_uri, preflight_run
+    from amid_ray.search import TRACKING_URI_FILE, load_search_file, load_tracking_uri, run_search
 
     run = load_search_file(search_dir)
     _prepare_demo(run)
-    with ray_session(address or run.resources.address):
+    preflight_run(run, address=address, tracking_uri=tracking_uri)
+    if tracking_uri is None and (stored := load_tracking_uri(search_dir)):
+        check_tracking_uri(stored, source=str(search_dir / TRACKING_URI_FILE), key="tracking_uri")
+    with _local_ray_lock(run, address), ray_session(address or run.resources.address):
         outcome = run_search(resume_dir=search_dir, tracking_uri=tracking_uri)
     return _finish_search(outcome)
 
@@ -324,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="search-space file (default: search_spaces/demo.yaml)")
+    parser.add_argument("--config", help="search-space file, or a shipped name: demo, "
+                        "paper_gpt2, smollm2_cpu, default, baselines (default: demo)")
     parser.add_argument("--name", help="search name (a folder under the storage)")
     parser.add_argument("--storage", help="folder for search state, checkpoints and MLflow")
     parser.add_argument("--num-samples", type=_positive,

@@ -60,7 +60,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _pretrained_location(source: Path) -> tuple[Path, dict[str, str]]:
+def pretrained_location(source: Path) -> tuple[Path, dict[str, str]]:
     """Folder and extra `from_pretrained` arguments for a model directory or a `.gguf` file."""
     if not source.exists():
         raise ModelError(
@@ -99,7 +99,7 @@ def load_causal_lm(
     GGUF weights are de-quantised by transformers (float32 unless `dtype` says otherwise).
     """
     source = Path(source)
-    folder, extra = _pretrained_location(source)
+    folder, extra = pretrained_location(source)
     # Without an explicit dtype, transformers keeps its own default (the checkpoint's dtype).
     dtype_arg = {"dtype": dtype} if dtype is not None else {}
     tokenizer = load_tokenizer(source)
@@ -115,7 +115,7 @@ def load_causal_lm(
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a model directory or `.gguf` file (padding with EOS if it has no pad)."""
     source = Path(source)
-    folder, extra = _pretrained_location(source)
+    folder, extra = pretrained_location(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     _ensure_pad_token(tokenizer, source)
     return tokenizer
@@ -123,7 +123,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 def logits_width(source: str | Path) -> int:
     """Logits per position of the model at `source`, read from its config (no weights)."""
-    folder, extra = _pretrained_location(Path(source))
+    folder, extra = pretrained_location(Path(source))
     return int(AutoConfig.from_pretrained(folder, local_files_only=True, **extra).vocab_size)
 
 
@@ -230,7 +230,7 @@ def _decoder_layer_path(model: PreTrainedModel) -> str:
     )
 
 
-def _validate_keep_layers(keep_layers: Sequence[int], num_layers: int) -> list[int]:
+def validate_keep_layers(keep_layers: Sequence[int], num_layers: int) -> list[int]:
     keep = list(keep_layers)
     if not keep:
         raise ModelError("keep_layers is empty; keep at least one decoder layer")
@@ -274,7 +274,7 @@ def derive_student(teacher: PreTrainedModel, keep_layers: Sequence[int]) -> PreT
     """
     layer_path = _decoder_layer_path(teacher)
     config = copy.deepcopy(teacher.config)
-    keep = _validate_keep_layers(keep_layers, config.num_hidden_layers)
+    keep = validate_keep_layers(keep_layers, config.num_hidden_layers)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None) is not None:
         # Per-layer attention kinds (e.g. sliding window in Qwen2) must follow their layers.

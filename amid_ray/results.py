@@ -20,6 +20,7 @@ from ray.tune import ExperimentAnalysis
 from amid_ray.atomic import atomic_folder
 from amid_ray.config import RunConfig, point_config
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
+from amid_ray.preflight import redact_uri
 from amid_ray.sampling import optuna_distribution
 from amid_ray.search_space import PRESET_KEY, SearchSpec
 from amid_ray.selection import LEVEL, Interval, bootstrap_interval, paired_difference
@@ -264,7 +265,7 @@ class SearchOutcome:
             ROUGE_L: self.best.best_rougeL if self.best else None,
             **(self.confidence.summary() if self.confidence else {}),
             "num_trials": len(self.records),
-            "tracking_uri": self.tracking_uri,
+            "tracking_uri": self.tracking_uri and redact_uri(self.tracking_uri),
             "search_dir": str(self.search_dir),
         }
 

@@ -64,7 +64,9 @@ def absolute_paths(run: RunConfig) -> RunConfig:
     return dataclasses.replace(run, models=models, data=data, cache=cache)
 
 
-def _model_path(source: str, role: str, progress: bool = False) -> str:
+def model_path(source: str, role: str, progress: bool = False) -> str:
+    """Where a model source is stored: the path itself, or the file or folder a name stands
+    for (`role`: teacher or student, for the demo's two models)."""
     if source == SMOLLM2:
         return str(smollm2_gguf_path())
     if source != DEMO:
@@ -75,7 +77,7 @@ def _model_path(source: str, role: str, progress: bool = False) -> str:
 
 def teacher_source(models: ModelsConfig) -> str:
     """Where the teacher is stored (a folder or a `.gguf` file)."""
-    return _model_path(models.teacher, "teacher")
+    return model_path(models.teacher, "teacher")
 
 
 def load_student(models: ModelsConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -86,7 +88,7 @@ def load_student(models: ModelsConfig) -> tuple[PreTrainedModel, PreTrainedToken
         del teacher
         return student, tokenizer
     tokenizer = load_tokenizer(teacher_source(models))
-    student, student_tokenizer = load_causal_lm(_model_path(models.student, "student"))
+    student, student_tokenizer = load_causal_lm(model_path(models.student, "student"))
     check_same_tokenizer(tokenizer, student_tokenizer, None, student)
     return student, tokenizer
 
@@ -95,11 +97,11 @@ def load_models(
     models: ModelsConfig,
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """Teacher, student and their shared tokenizer; fails early if the vocabularies differ."""
-    teacher, tokenizer = load_causal_lm(_model_path(models.teacher, "teacher"))
+    teacher, tokenizer = load_causal_lm(model_path(models.teacher, "teacher"))
     if models.student == "derive":
         student = derive_student(teacher, models.student_layers or [])
         return teacher, student, tokenizer
-    student, student_tokenizer = load_causal_lm(_model_path(models.student, "student"))
+    student, student_tokenizer = load_causal_lm(model_path(models.student, "student"))
     check_same_tokenizer(tokenizer, student_tokenizer, teacher, student)
     return teacher, student, tokenizer
 
@@ -114,17 +116,18 @@ def eval_model_path(name: str) -> str:
     """The model a name of `EVAL_MODELS` stands for, else `name` itself (a path)."""
     if name not in EVAL_MODELS:
         return name
-    return _model_path(*EVAL_MODELS[name], progress=True)
+    return model_path(*EVAL_MODELS[name], progress=True)
 
 
 def eval_data_path(name: str) -> str:
     """The eval set a name of `EVAL_DATA` stands for, else `name` itself (a path)."""
     if name not in EVAL_DATA:
         return name
-    return _data_path(DEMO, EVAL_DATA[name], progress=True)
+    return data_path(DEMO, EVAL_DATA[name], progress=True)
 
 
-def _data_path(source: str, split: str, progress: bool = False) -> str:
+def data_path(source: str, split: str, progress: bool = False) -> str:
+    """Where a data source is stored: the path itself, or the demo's file of `split`."""
     if source != DEMO:
         return source
     assets = demo_assets(progress)
@@ -136,11 +139,11 @@ def load_train_dev(data: DataConfig, seed: int) -> tuple[list[InstructionExample
                                                          list[InstructionExample]]:
     """Training and dev examples; without a dev source, `dev_size` rows of train are held out.
     Dev rows whose prompt also occurs in train are dropped from train."""
-    train = load_examples(_data_path(data.train, "train"))
+    train = load_examples(data_path(data.train, "train"))
     if data.dev is None:
         train, dev = split_train_dev(train, dev_size=data.dev_size, seed=seed)
     else:
-        dev = load_examples(_data_path(data.dev, "dev"))
+        dev = load_examples(data_path(data.dev, "dev"))
         dev_prompts = {example.prompt for example in dev}
         train = [example for example in train if example.prompt not in dev_prompts]
     if data.max_train_examples is not None:

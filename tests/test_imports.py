@@ -16,14 +16,16 @@ import sys
 import pytest
 
 #: Need nothing beyond the standard library.
-STDLIB_ONLY = ("amid_ray.errors", "amid_ray.atomic", "amid_ray.taid", "amid_ray.metrics")
+STDLIB_ONLY = ("amid_ray.errors", "amid_ray.atomic", "amid_ray.taid", "amid_ray.metrics",
+               "amid_ray.spaces")
 #: Need only torch (imported just before them, so anything else they add is charged to them).
 TORCH_ONLY = ("amid_ray.chunked_loss", "amid_ray.losses", "amid_ray.schedule",
               "amid_ray.fused_loss", "amid_ray.sparse_teacher", "amid_ray.sparse_teacher_bound")
 #: The rest of the library core: any third-party package but the search and tracking stack.
 CORE = ("amid_ray.search_space", "amid_ray.config", "amid_ray.data", "amid_ray.lm_corpus",
         "amid_ray.evaluation", "amid_ray.models", "amid_ray.sgo", "amid_ray.teacher_cache",
-        "amid_ray.cache_plan", "amid_ray.sources", "amid_ray.selection", "amid_ray.demo")
+        "amid_ray.cache_plan", "amid_ray.sources", "amid_ray.selection", "amid_ray.demo",
+        "amid_ray.preflight")
 #: What only the layers above the core (worker, training, search, tracking, CLI) may import.
 ABOVE_THE_CORE = ("ray", "mlflow", "optuna")
 #: What the loss modules must not pull in: the rest of the stack, transformers included.
