@@ -7,18 +7,28 @@ again by any driver process. It talks to MLflow through `MlflowClient` with expl
 MLflow. The parent run id is kept in `<search_dir>/mlflow_parent_run.json`: a search resumed by
 a new driver process finds its parent and its children again instead of creating duplicates.
 
+What a user reads there: each child run's params are its trial's full effective configuration
+(a preset resolved into its fields and recipe) under the dotted names of search spaces and
+`--set` (`amid.alpha`, `train.lr`, `data.max_length`), and its `config.yaml` artifact is that
+configuration as a file `amid-ray train --config` runs. The parent run holds the base
+configuration the trials start from the same way (its `config.yaml` with the search section).
+Parent and children carry MLflow's standard context tags (user, source, git commit), as runs
+started with `mlflow.start_run` do.
+
 Credentials for a remote tracking server come from the environment (`MLFLOW_TRACKING_TOKEN`,
-`MLFLOW_TRACKING_USERNAME`, `MLFLOW_TRACKING_PASSWORD`) and are read by MLflow itself; nothing
-here logs the tracking URI, the environment or any value outside the trial's hyperparameters.
+`MLFLOW_TRACKING_USERNAME`, `MLFLOW_TRACKING_PASSWORD`) and are read by MLflow itself; the
+username is the runs' `mlflow.user`, as MLflow records it. Nothing here logs the tracking URI,
+the environment or a password: a URL in the configuration is logged with its user info masked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import numbers
+import re
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +39,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from amid_ray.atomic import write_text_atomic
-from amid_ray.config import flatten_dotted
+from amid_ray.config import ConfigError, flatten_dotted, point_config
 from amid_ray.metrics import CURVE_METRICS
+from amid_ray.search_space import PRESET_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +60,13 @@ TRIAL_ID_TAG = "trial_id"
 STOPPED_EARLY_TAG = "stopped_early"
 #: Tag of a child run ended at the end of the search because a driver died leaving it RUNNING.
 STATUS_INFERRED_TAG = "status_inferred"
+
+#: Artifact of every run: its configuration as YAML (a trial's runs as `amid-ray train --config`).
+CONFIG_ARTIFACT = "config.yaml"
+#: Artifact of the parent run: the search section alone.
+SEARCH_SPACE_ARTIFACT = "search_space.yaml"
+#: Top-level key of the search section in a configuration (not a run setting, so not a param).
+SEARCH_SECTION = "search"
 
 #: Tracking URI schemes of tracking servers, which choose where artifacts go. With any other
 #: store (SQLite, a database, a folder) artifacts would default to `./mlruns`.
@@ -62,14 +83,6 @@ def default_artifact_location(tracking_uri: str, search_dir: Path) -> str | None
     if urlparse(tracking_uri).scheme in _SERVER_SCHEMES:
         return None
     return (Path(search_dir).resolve() / "mlartifacts").as_uri()
-
-
-def short_param_names(param_keys: Sequence[str]) -> dict[str, str]:
-    """MLflow param name per dotted key: its last component (`train.lr` → `lr`), or the whole
-    dotted key where two keys share a last component."""
-    last = {key: key.rsplit(".", 1)[-1] for key in param_keys}
-    counts = Counter(last.values())
-    return {key: name if counts[name] == 1 else key for key, name in last.items()}
 
 
 def read_parent_run_id(search_dir: Path) -> str | None:
@@ -94,25 +107,130 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# --------------------------------------------------------------------------- what runs hold
+
+
+#: The user info of a URL (`scheme://user:password@host`): may hold a password or a token.
+_URL_USER_INFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def without_credentials(data: Any) -> Any:
+    """Plain `data` with the user info of every URL in its strings masked (`://***@host`)."""
+    if isinstance(data, str):
+        return _URL_USER_INFO.sub("***@", data)
+    if isinstance(data, Mapping):
+        return {key: without_credentials(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [without_credentials(value) for value in data]
+    return data
+
+
+def param_value(value: Any) -> str:
+    """A configuration value as an MLflow param: a string as it is, anything else as YAML writes
+    it (`null`, `true`, `0.001`, `[0, 3]`: what `--set key=value` reads back). A text longer
+    than MLflow allows (`MAX_PARAM_VAL_LENGTH`) is cut, ending with a note of its length."""
+    if isinstance(value, str):
+        text = value
+    else:
+        # A bare scalar document ends with YAML's "..." end marker.
+        text = yaml.safe_dump(value, default_flow_style=True, width=2**31).removesuffix("...\n")
+        text = text.strip()
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
+        return text
+    note = f" ... [cut: {len(text)} characters]"
+    return text[:MAX_PARAM_VAL_LENGTH - len(note)] + note
+
+
+def config_params(config: Mapping[str, Any]) -> dict[str, str]:
+    """A (nested or dotted) configuration as MLflow params, by dotted name (`train.lr`)."""
+    flat = flatten_dotted(without_credentials(as_plain_data(dict(config))))
+    return {key: param_value(value) for key, value in flat.items()}
+
+
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """A configuration as the YAML text of a `config.yaml` artifact."""
+    return yaml.safe_dump(without_credentials(as_plain_data(dict(config))), sort_keys=False)
+
+
+def run_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration without its search section: the settings one run trains with."""
+    return {key: value for key, value in config.items() if key != SEARCH_SECTION}
+
+
+def trial_config(base: Mapping[str, Any], point: Mapping[str, Any],
+                 trial_id: str) -> dict[str, Any]:
+    """The configuration a trial trains with, as plain data: `base` (`RunConfig.to_dict()`)
+    with the trial's `point` (dotted keys) applied and validated, a preset resolved into its
+    fields and recipe (`config.point_config`, as the trial does; only where its Train run
+    stores checkpoints, under the search folder, is not part of it).
+
+    A point the configuration refuses fails its trial; for the record the tracking then takes
+    the plain merge (flat dotted keys) rather than stop the search.
+    """
+    try:
+        run = point_config(dict(base), dict(point), source=f"trial {trial_id}")
+    except ConfigError as error:
+        logger.warning("trial %s: logging its settings unchecked: %s", trial_id, error)
+        return {**flatten_dotted(run_settings(base)), **flatten_dotted(dict(point))}
+    return run_settings(run.to_dict())
+
+
+def _short_number(value: Any) -> str:
+    return f"{value:.3g}" if is_number(value) else str(value)
+
+
+def trial_run_name(config: Mapping[str, Any], trial_id: str) -> str:
+    """A child run's name: what its trial trains, then the trial id (its folder's name).
+
+    `kd (3f2a1c0b)` for a baseline preset, `amid α=-1.93 λ=0.76 ab/pr (3f2a1c0b)` otherwise.
+    """
+    flat = flatten_dotted(dict(config))
+    label = flat.get(PRESET_KEY)
+    if not label:
+        label = (f"amid α={_short_number(flat.get('amid.alpha'))} "
+                 f"λ={_short_number(flat.get('amid.lam'))} "
+                 f"{flat.get('amid.divergence')}/{flat.get('amid.order')}")
+    return f"{label} ({trial_id})"
+
+
+@functools.cache
+def _package_commit() -> str | None:
+    return get_git_commit(str(Path(__file__).resolve().parent))
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's standard context tags of a run started here (`mlflow.user`, `mlflow.source.name`,
+    `mlflow.source.type`, `mlflow.source.git.commit` in a git checkout, ...), as
+    `mlflow.start_run` sets them. Where the entry point is in no checkout (a console script in
+    a virtualenv), the commit is that of the checkout holding this package, if any."""
+    tags = resolve_tags()
+    if MLFLOW_GIT_COMMIT not in tags and _package_commit():
+        tags[MLFLOW_GIT_COMMIT] = _package_commit()
+    return tags
+
+
 class SearchRuns:
     """The MLflow runs of one search: its parent run and a child run per trial nested under it.
 
-    Child runs carry the trial's hyperparameters (`param_keys`, under short names) and, per step,
-    every metric of `CURVE_METRICS` a result holds. `max_steps` is the step at which a trial has
-    finished. `artifact_location` (for a new experiment) defaults to `default_artifact_location`.
-    What a driver process learns from MLflow (client, run ids, logged steps) is not pickled: a
-    new driver finds it again on demand.
+    `base_config` is the search's configuration (`RunConfig.to_dict()`, search section
+    included): the parent logs it, each child the trial's configuration built from it
+    (`trial_config`) and, per step, every metric of `CURVE_METRICS` a result holds.
+    `param_keys` are the searched keys the parent logs the best trial's values of
+    (`best.<key>`). `max_steps` is the step at which a trial has finished. `artifact_location`
+    (for a new experiment) defaults to `default_artifact_location`. What a driver process learns
+    from MLflow (client, run ids, logged steps) is not pickled: a new driver finds it again on
+    demand.
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, search_dir: Path, *,
-                 search_space: Mapping[str, Any], max_steps: int, param_keys: Sequence[str],
+                 base_config: Mapping[str, Any], max_steps: int, param_keys: Sequence[str],
                  artifact_location: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.search_dir = Path(search_dir).resolve()
-        self.search_space = search_space
+        self.base_config = as_plain_data(dict(base_config))
         self.max_steps = max_steps
-        self.param_names = short_param_names(param_keys)
+        self.param_keys = list(param_keys)
         self.artifact_location = artifact_location or default_artifact_location(
             tracking_uri, self.search_dir)
         self._reset_session()
@@ -142,12 +260,15 @@ class SearchRuns:
     # -- the parent run -------------------------------------------------------------------------
 
     def parent(self) -> Run:
-        """The search's parent run: the one named in the search folder, else a new one."""
+        """The search's parent run: the one named in the search folder, else a new one. It holds
+        the base configuration: params, `config.yaml` and the search section alone."""
         if self._parent is None:
             self._parent = self._resume_parent() or self._create_parent()
-            self.client.log_text(self._parent.info.run_id,
-                                 yaml.safe_dump(as_plain_data(self.search_space), sort_keys=False),
-                                 "search_space.yaml")
+            run_id = self._parent.info.run_id
+            self.log_missing_params(self._parent, config_params(run_settings(self.base_config)))
+            self.client.log_text(run_id, config_yaml(self.base_config), CONFIG_ARTIFACT)
+            self.client.log_text(run_id, config_yaml(self.base_config.get(SEARCH_SECTION) or {}),
+                                 SEARCH_SPACE_ARTIFACT)
         return self._parent
 
     @property
@@ -178,7 +299,7 @@ class SearchRuns:
 
     def _create_parent(self) -> Run:
         run = self.client.create_run(self._experiment_id_by_name(), run_name=self.search_dir.name,
-                                     tags={"search_dir": str(self.search_dir)})
+                                     tags={**context_tags(), "search_dir": str(self.search_dir)})
         record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
         write_text_atomic(self.search_dir / PARENT_RUN_FILE, json.dumps(record, indent=2) + "\n")
         return run
@@ -192,16 +313,21 @@ class SearchRuns:
 
     # -- child runs -----------------------------------------------------------------------------
 
-    def child_run_id(self, trial_id: str, *, run_name: str, config: Mapping[str, Any]) -> str:
-        """The trial's child run: the one a driver made for it before, else a new one named
-        `run_name`. Hyperparameters of `config` it does not hold yet are logged."""
+    def child_run_id(self, trial_id: str, point: Mapping[str, Any]) -> str:
+        """The child run of the trial at `point` (its dotted keys, Tune's trial config): the one
+        a driver made for it before, else a new one named by `trial_run_name`. The trial's
+        configuration (`trial_config`) is logged: the params the run does not hold yet and
+        `config.yaml`."""
         if trial_id not in self._children:
+            config = trial_config(self.base_config, point, trial_id)
             run = self.find_child(trial_id) or self.client.create_run(
-                self.experiment_id, run_name=run_name,
-                tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, TRIAL_ID_TAG: trial_id},
+                self.experiment_id, run_name=trial_run_name(config, trial_id),
+                tags={**context_tags(), MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+                      TRIAL_ID_TAG: trial_id},
             )
             self._children[trial_id] = run.info.run_id
-            self.log_missing_params(run, config)
+            self.log_missing_params(run, config_params(config))
+            self.client.log_text(run.info.run_id, config_yaml(config), CONFIG_ARTIFACT)
         return self._children[trial_id]
 
     def find_child(self, trial_id: str) -> Run | None:
@@ -232,15 +358,15 @@ class SearchRuns:
 
     # -- what runs hold -------------------------------------------------------------------------
 
-    def trial_params(self, config: Mapping[str, Any]) -> dict[str, str]:
-        """The hyperparameters among `param_keys` of a (nested or dotted) config, by short
-        name, as MLflow strings."""
-        flat = flatten_dotted(dict(config))
-        return {name: str(flat[key]) for key, name in self.param_names.items() if key in flat}
+    def searched_params(self, config: Mapping[str, Any]) -> dict[str, str]:
+        """The `param_keys` values of a (nested or dotted) config, as MLflow params."""
+        params = config_params(config)
+        return {key: params[key] for key in self.param_keys if key in params}
 
-    def log_missing_params(self, run: Run, config: Mapping[str, Any], prefix: str = "") -> None:
-        """Log the `trial_params` of `config` (names prefixed) that `run` does not hold yet."""
-        params = {f"{prefix}{name}": value for name, value in self.trial_params(config).items()}
+    def log_missing_params(self, run: Run, params: Mapping[str, str]) -> None:
+        """Log the `params` that `run` (as fetched) does not hold yet: MLflow keeps a param's
+        first value and refuses another. (`MlflowClient.log_batch` sends them in requests of
+        at most 100, MLflow's limit.)"""
         missing = [Param(name, value) for name, value in params.items()
                    if name not in run.data.params]
         if missing:

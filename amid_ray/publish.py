@@ -64,7 +64,7 @@ def finish_search(runs: SearchRuns, *, best: Mapping[str, Any],
 
     `best` describes the best trial: its `config` (flat dotted keys or nested) and its ROUGE-L
     (key `ROUGE_L`), plus anything else worth keeping (e.g. `trial_id`, `checkpoint`); all of it
-    goes to `best_config.json`, the config's `param_keys` to params `best.<name>`. `trials_table`
+    goes to `best_config.json`, the config's `param_keys` to params `best.<key>`. `trials_table`
     (one dict per trial) becomes `trials.csv`. Plots of `optuna_study` go under `plots/`.
     `best_model_dir` (a Hugging Face model folder) is logged under `best_model/` and registered
     as a new version of `registered_model_name` with alias `best`; returns that version (None
@@ -103,8 +103,9 @@ def _log_best(runs: SearchRuns, best: Mapping[str, Any]) -> None:
     parent_id = runs.parent_run_id
     runs.client.log_text(parent_id, json.dumps(as_plain_data(best), indent=2) + "\n",
                          "best_config.json")
-    runs.log_missing_params(runs.client.get_run(parent_id), best.get("config", {}),
-                            prefix="best.")
+    best_params = runs.searched_params(best.get("config", {}))
+    runs.log_missing_params(runs.client.get_run(parent_id),
+                            {f"best.{key}": value for key, value in best_params.items()})
     if is_number(best.get(ROUGE_L)):
         runs.log_values(parent_id, {BEST_ROUGE_L: best[ROUGE_L]})
     if "trial_id" in best:

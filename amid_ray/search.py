@@ -212,7 +212,7 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     tracking_uri = (tracking_uri or load_tracking_uri(search_dir)
                     or default_tracking_uri(search_dir))
     runs = SearchRuns(
-        tracking_uri, run.name, search_dir, search_space=run.search or {},
+        tracking_uri, run.name, search_dir, base_config=run.to_dict(),
         max_steps=run.train.max_steps, param_keys=spec.keys + [PRESET_KEY, "train.lr"],
     )
     if resume_dir is not None:

@@ -62,5 +62,4 @@ class MLflowSearchTracker(Callback):
         self.runs.end_child(self._child(trial), RunStatus.FAILED)
 
     def _child(self, trial: Trial) -> str:
-        return self.runs.child_run_id(str(trial.trial_id), run_name=str(trial),
-                                      config=trial.config)
+        return self.runs.child_run_id(str(trial.trial_id), trial.config)

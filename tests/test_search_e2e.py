@@ -48,7 +48,8 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
         assert len(rouge_curve) == record.steps // 2  # one point per evaluation round (synced)
         assert max(v for _, v in rouge_curve) == pytest.approx(record.best_rougeL)
         if "amid.alpha" in record.params:
-            assert float(child["params"]["alpha"]) == pytest.approx(record.params["amid.alpha"])
+            alpha = float(child["params"]["amid.alpha"])
+            assert alpha == pytest.approx(record.params["amid.alpha"])
         # Every trial has its dev cross-entropy and SGO tau curves, a point per round.
         assert len(child["metrics"]["dev_ce"]) == len(child["metrics"]["sgo_threshold"]) == len(
             rouge_curve)
