@@ -129,6 +129,13 @@ def study_storage_url(spec: SearchSpec, search_dir: Path) -> str:
     return spec.storage or f"sqlite:///{Path(search_dir).resolve() / STUDY_FILE}"
 
 
+def load_search_study(spec: SearchSpec, search_dir: Path) -> optuna.Study:
+    """The study a sampled search keeps in its database (named after the search folder), with
+    every trial the sampler saw: baselines, values and intermediate values."""
+    return optuna.load_study(study_name=Path(search_dir).name,
+                             storage=study_storage_url(spec, search_dir))
+
+
 class RunStepOptunaSearch(OptunaSearch):
     """OptunaSearch that records every evaluation round Tune relays as an intermediate value, at
     the run's own optimizer step.

@@ -41,7 +41,7 @@ from amid_ray.results import (
     read_results,
     study_from_trials,
 )
-from amid_ray.sampling import FixedPoints, make_searcher
+from amid_ray.sampling import FixedPoints, load_search_study, make_searcher
 from amid_ray.search_space import PRESET_KEY, SearchSpec, grid_points
 from amid_ray.tracking import MLflowSearchTracker
 from amid_ray.training import build_trainer, storage_root
@@ -241,7 +241,9 @@ def _conclude(run: RunConfig, spec: SearchSpec, search_dir: Path,
         runs,
         best=outcome.best_details(),
         trials_table=[r.table_row() for r in outcome.records],
-        optuna_study=study_from_trials(spec, outcome.records),
+        # A sampled search's own study; a grid has none, so one is made of its trials.
+        optuna_study=(load_search_study(spec, search_dir) if fixed_points(spec) is None
+                      else study_from_trials(spec, outcome.records)),
         best_model_dir=outcome.best_dir,
         registered_model_name=f"amid-{run.name}",
     )

@@ -57,14 +57,18 @@ SCHEDULER_METRICS = {BEST_ROUGE_L: "max", ROUGE_L: "max", VAL_LOSS: "min"}
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    """ASHA early stopping on evaluation rounds (None in SearchSpec: run every trial to the end).
+    """Early stopping on evaluation rounds (None in SearchSpec: run every trial to the end).
 
-    Trials are compared by `metric` at each rung; ROUGE-L by default, as the search ranks them.
+    `asha` compares trials by `metric` at rungs (`reduction_factor`); `median` stops a trial
+    whose best value so far is worse than the median of the other trials' running means at the
+    same step, once `min_samples` others got there. ROUGE-L by default, as the search ranks.
     """
 
     grace_rounds: int = 1
     reduction_factor: int = 2
     metric: str = BEST_ROUGE_L
+    type: str = "asha"
+    min_samples: int = 3
 
     @property
     def mode(self) -> str:
@@ -241,27 +245,38 @@ def _parse_storage(raw: Any, fail) -> str | None:
     return raw
 
 
+#: Early-stopping rules and the fields each takes besides `type`.
+SCHEDULER_FIELDS = {"asha": {"grace_rounds", "reduction_factor", "metric"},
+                    "median": {"grace_rounds", "min_samples", "metric"}}
+
+
 def _parse_scheduler(raw: Any, fail) -> SchedulerSpec | None:
     if raw is None or raw is False or raw == "none":
         return None
-    if raw == "asha":
-        return SchedulerSpec()
-    if not isinstance(raw, dict) or raw.get("type", "asha") != "asha":
-        fail("scheduler", raw, "must be null, 'asha' or {type: asha, grace_rounds, "
-             "reduction_factor, metric}")
-    extra = set(raw) - {"type", "grace_rounds", "reduction_factor", "metric"}
+    if isinstance(raw, str) and raw in SCHEDULER_FIELDS:
+        return SchedulerSpec(type=raw)
+    if not isinstance(raw, dict) or raw.get("type", "asha") not in SCHEDULER_FIELDS:
+        fail("scheduler", raw, "must be null, 'asha', 'median', {type: asha, grace_rounds, "
+             "reduction_factor, metric} or {type: median, grace_rounds, min_samples, metric}")
+    kind = raw.get("type", "asha")
+    extra = set(raw) - SCHEDULER_FIELDS[kind] - {"type"}
     if extra:
-        fail("scheduler", raw, f"unknown fields {sorted(extra)}")
+        fail("scheduler", raw, f"unknown fields {sorted(extra)} for {kind}; known: "
+             f"{sorted(SCHEDULER_FIELDS[kind])}")
     grace = raw.get("grace_rounds", 1)
     factor = raw.get("reduction_factor", 2)
+    samples = raw.get("min_samples", 3)
     metric = raw.get("metric", BEST_ROUGE_L)
     if metric not in SCHEDULER_METRICS:
         fail("scheduler.metric", metric, f"must be one of {sorted(SCHEDULER_METRICS)}")
-    if not isinstance(grace, int) or grace < 1:
+    if not isinstance(grace, int) or isinstance(grace, bool) or grace < 1:
         fail("scheduler.grace_rounds", grace, "must be an integer >= 1")
-    if not isinstance(factor, int) or factor < 2:
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2:
         fail("scheduler.reduction_factor", factor, "must be an integer >= 2")
-    return SchedulerSpec(grace_rounds=grace, reduction_factor=factor, metric=metric)
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        fail("scheduler.min_samples", samples, "must be an integer >= 1")
+    return SchedulerSpec(grace_rounds=grace, reduction_factor=factor, metric=metric, type=kind,
+                         min_samples=samples)
 
 
 def _parse_param(key: str, spec: Any, fail) -> Param:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from asha_reference import asha_stop_rounds
+from asha_reference import asha_stop_rounds, median_stop_rounds
 from mlflow_helpers import tracking_summary
 from transformers import AutoModelForCausalLM
 
@@ -66,3 +66,30 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
             # Train runs ahead of Tune: a stopped run may complete one more round before it dies.
             assert rounds in (stop, stop + 1)
             assert record.status == ("finished" if rounds == 3 else "stopped early")
+
+
+def test_a_median_rule_search_stops_what_the_rule_says(tiny_world, local_ray, search_config,
+                                                        tmp_path):
+    scheduler = {"type": "median", "grace_rounds": 1, "min_samples": 1, "metric": "val_loss"}
+    raw = search_config(tiny_world, tmp_path, "median", max_concurrent=1, scheduler=scheduler,
+                        baselines=[])
+    outcome = run_search(config_from_dict(raw, "test"))
+    records = outcome.records
+    # Lower val_loss is better: the rule on the negated curves, as recorded round by round.
+    curves = [[-h["val_loss"] for h in r.history] for r in records]
+    print("-val_loss per round, in trial order:", curves)
+    stops = median_stop_rounds(curves, grace=1, min_samples=1, max_rounds=3)
+    assert any(stop is not None for stop in stops), "nothing for the rule to stop"
+    for record, stop in zip(records, stops, strict=True):
+        rounds = record.steps // 2
+        if stop is None:
+            assert (record.status, rounds) == ("finished", 3)
+        else:  # Train may finish one more round before the stop reaches it
+            assert rounds in (stop, stop + 1)
+    # The search's own Optuna study holds every trial with its intermediate values.
+    import optuna
+
+    study = optuna.load_study(study_name="median",
+                              storage=f"sqlite:///{outcome.search_dir / 'optuna.db'}")
+    assert len(study.trials) == len(records) == 4
+    assert all(t.intermediate_values for t in study.trials)
