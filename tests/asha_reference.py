@@ -1,6 +1,6 @@
 """Independent statements of the early-stopping rules (asynchronous successive halving, the
-median rule), for checking the
-stops a search made. Trials run one after another (no races over who reaches a rung first)."""
+median rule), for checking the stops a search made. Trials run one after another (no races
+over who reaches a rung first)."""
 
 from __future__ import annotations
 
