@@ -373,6 +373,24 @@ class TrainerState:
         return cls(**torch.load(folder / TRAINER_STATE, weights_only=True))
 
 
+def load_checkpoint(folder: Path, student_class, *, log=None) -> tuple[Any, TrainerState]:
+    """The student and trainer state of checkpoint `folder`, or, if it cannot be read (a
+    truncated or altered file), of the newest readable older checkpoint beside it (Ray Train's
+    `checkpoint_<time>` folders), with a warning through `log`."""
+    older = sorted((p for p in folder.parent.glob("checkpoint_*")
+                    if p.name < folder.name and p.is_dir()), reverse=True)
+    for candidate in [folder, *older]:
+        try:
+            return (student_class.from_pretrained(candidate / MODEL_DIR),
+                    TrainerState.load(candidate))
+        except Exception as error:  # corrupt files raise OSError, safetensors or pickle errors
+            if log is not None:
+                log(f"WARNING: checkpoint {candidate} cannot be read ({type(error).__name__}: "
+                    f"{str(error)[:200]}); trying an older one")
+    raise RuntimeError(f"no readable checkpoint: {folder} and the {len(older)} older one(s) "
+                       "beside it all fail to load; remove them to start the run afresh")
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -432,8 +450,8 @@ class DistillationWorker:
         restored: TrainerState | None = None
         with self.session.restored() as folder:
             if folder is not None:
-                student = type(student).from_pretrained(folder / MODEL_DIR)
-                restored = TrainerState.load(folder)
+                student, restored = load_checkpoint(folder, type(student),
+                                                    log=self._log if self.rank == 0 else None)
         student.train()
         self.model = self.session.prepare_model(student)
         self.student = self.model.module if hasattr(self.model, "module") else self.model
@@ -506,6 +524,10 @@ class DistillationWorker:
             if self.step % run.eval.every == 0 or self.step == run.train.max_steps:
                 self._report(self._evaluation_round(window))
                 window = _Window()
+
+    @staticmethod
+    def _log(line: str) -> None:
+        print(f"[amid-ray] {line}", flush=True)
 
     def _log_progress(self, window: _Window) -> None:
         """One line in the rank-0 worker's log: where the run is and when it will end."""

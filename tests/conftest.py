@@ -17,6 +17,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_local_ray_lock(tmp_path_factory):
+    """The CLI commands tests run in-process take a lock of their own, not the machine's: a
+    test must never block (or be blocked by) a real search running beside the suite."""
+    from amid_ray import cli
+    from amid_ray.preflight import local_ray_lock
+
+    lock = tmp_path_factory.mktemp("lock") / "local-ray.lock"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "_local_ray_lock", lambda run, address: local_ray_lock(lock))
+        yield lock
+
+
 @pytest.fixture(scope="session")
 def instruct_dir() -> Path:
     if not SHARED_INSTRUCT.is_dir():
