@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from amid_ray.data import TrainingCollator, encode_example, load_examples
+from amid_ray.data import TrainingCollator, encode_example, load_examples, response_mask
 from amid_ray.losses import amid_loss
 from amid_ray.models import derive_student, freeze_teacher, load_causal_lm, smollm2_gguf_path
 from amid_ray.sparse_teacher import TopKRows, reconstruct_logprobs, sparsify
@@ -36,7 +36,6 @@ from amid_ray.teacher_cache import (
     STORAGE_DTYPES,
     build_cache,
     cache_identity,
-    response_positions_mask,
     teacher_fingerprint,
 )
 
@@ -51,7 +50,7 @@ def response_logits(teacher, student, encoded, pad_token_id: int, batch_size: in
         for start in range(0, len(encoded), batch_size):
             batch = collate(encoded[start : start + batch_size])
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            mask = response_positions_mask(batch["labels"])
+            mask = response_mask(batch["labels"])[0]
             teacher_rows.append(teacher(**inputs).logits[mask].float())
             student_rows.append(student(**inputs).logits[mask].float())
     return torch.cat(teacher_rows), torch.cat(student_rows)
