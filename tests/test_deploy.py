@@ -152,10 +152,16 @@ _SECRET_WORDS = (
 )
 
 
+# A variable ending in one of these names the place a secret is kept, not the secret.
+_LOCATION_WORDS = ("PATH", "FILE", "DIR")
+
+
 def is_secret_name(name: str) -> bool:
     """PASSWORD/SECRET/TOKEN/KEY… as (the end of) a word of the name: AWS_SECRET_ACCESS_KEY,
-    HF_TOKEN, MLFLOW_TRACKING_PASSWORD, APIKEY; not TOKENIZERS_PARALLELISM."""
-    return any(part.endswith(_SECRET_WORDS) for part in re.split(r"[_\-.]", name.upper()))
+    HF_TOKEN, MLFLOW_TRACKING_PASSWORD, APIKEY; not TOKENIZERS_PARALLELISM, and not a name that
+    ends in PATH/FILE/DIR (RAY_AUTH_TOKEN_PATH holds a file name)."""
+    parts = re.split(r"[_\-.]", name.upper())
+    return parts[-1] not in _LOCATION_WORDS and any(p.endswith(_SECRET_WORDS) for p in parts)
 
 
 def k8s_env_problems(doc: Any) -> list[str]:
@@ -634,6 +640,8 @@ def test_deploy_has_the_expected_files():
         "kuberay/rayjob.yaml",
         "kuberay/storage.yaml",
         "kuberay/secrets.example.yaml",
+        "kuberay/serviceaccounts.yaml",
+        "kuberay/networkpolicy.yaml",
         "ray-cluster.yaml",
         "mlflow/docker-compose.yaml",
         "mlflow/.env.example",
@@ -1011,6 +1019,10 @@ def test_image_checker(ref, ok):
         ("MLFLOW_TRACKING_PASSWORD", True),
         ("MLFLOW_FLASK_SERVER_SECRET_KEY", True),
         ("MY_APIKEY", True),
+        ("RAY_AUTH_TOKEN", True),
+        ("RAY_AUTH_TOKEN_PATH", False),
+        ("MLFLOW_TRACKING_SERVER_CERT_PATH", False),
+        ("GOOGLE_APPLICATION_CREDENTIALS_FILE", False),
         ("TOKENIZERS_PARALLELISM", False),
         ("MLFLOW_TRACKING_URI", False),
         ("HF_HOME", False),
@@ -1267,3 +1279,808 @@ def test_filled_in_credentials_would_be_git_ignored():
         KUBERAY / "secrets.example.yaml",
     ):
         assert not _ignored_by_deploy_gitignore(path), rel(path)
+
+
+# =========================================================================== security
+# Issue #13: Ray token authentication, NetworkPolicies, least-privilege pods (docs/SECURITY.md).
+
+NETWORKPOLICY = KUBERAY / "networkpolicy.yaml"
+SERVICEACCOUNTS = KUBERAY / "serviceaccounts.yaml"
+MLFLOW_K8S = KUBERAY / "mlflow.yaml"
+RAY_TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName must hold
+API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+_RBAC_KINDS = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+
+
+# --------------------------------------------------------------------------- pod security
+
+
+def pod_specs(doc: Any) -> list[tuple[str, dict]]:
+    """Every pod spec of a manifest (Deployment/Job templates, KubeRay groups, the RayJob
+    submitter), with where it is."""
+    return [
+        (where, value)
+        for where, key, value in walk(doc)
+        if key == "spec" and isinstance(value, dict) and "containers" in value
+    ]
+
+
+def container_security_problems(container: dict, label: str) -> list[str]:
+    """No privilege escalation, every capability dropped and none added, not privileged, not
+    root, a read-only root file system, and CPU and memory limits."""
+    security = container.get("securityContext") or {}
+    capabilities = security.get("capabilities") or {}
+    problems = []
+    if security.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{label}: allowPrivilegeEscalation is not false")
+    if "ALL" not in (capabilities.get("drop") or []):
+        problems.append(f"{label}: capabilities do not drop ALL")
+    if capabilities.get("add"):
+        problems.append(f"{label}: adds capabilities {capabilities['add']}")
+    if security.get("privileged"):
+        problems.append(f"{label}: privileged")
+    if security.get("runAsUser") == 0 or security.get("runAsNonRoot") is False:
+        problems.append(f"{label}: runs as root")
+    if security.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{label}: root file system is writable")
+    limits = (container.get("resources") or {}).get("limits") or {}
+    missing = sorted({"cpu", "memory"} - set(limits))
+    if missing:
+        problems.append(f"{label}: no {'/'.join(missing)} limit")
+    return problems
+
+
+def pod_security_problems(pod: dict, service_accounts: dict[str, bool]) -> list[str]:
+    """Pod Security "restricted" (non-root, seccomp, no escalation, no capabilities) plus: no
+    automatically mounted API token, a ServiceAccount of serviceaccounts.yaml that mounts none
+    either, nothing from the node, and limits on every container (init containers included).
+    `service_accounts`: name -> its automountServiceAccountToken."""
+    security = pod.get("securityContext") or {}
+    problems = []
+    if security.get("runAsNonRoot") is not True or security.get("runAsUser") == 0:
+        problems.append("pod not forced to run as non-root")
+    if (security.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        problems.append("no seccomp profile (RuntimeDefault)")
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    account = pod.get("serviceAccountName")
+    if account not in service_accounts:
+        problems.append(f"ServiceAccount {account!r} is not one of serviceaccounts.yaml")
+    elif service_accounts[account] is not False:
+        problems.append(f"ServiceAccount {account} mounts its token")
+    problems += [f"{flag} is on" for flag in ("hostNetwork", "hostPID", "hostIPC") if pod.get(flag)]
+    problems += [
+        f"volume {v.get('name')} is a hostPath" for v in pod.get("volumes") or [] if "hostPath" in v
+    ]
+    for kind in ("initContainers", "containers"):
+        for container in pod.get(kind) or []:
+            problems += container_security_problems(container, f"container {container.get('name')}")
+    return problems
+
+
+def api_token_volumes(pod: dict) -> set[str]:
+    return {
+        volume["name"]
+        for volume in pod.get("volumes") or []
+        if any(
+            "serviceAccountToken" in s for s in (volume.get("projected") or {}).get("sources", [])
+        )
+    }
+
+
+def api_token_mount_problems(pod: dict) -> list[str]:
+    """No container of the pod itself mounts a projected ServiceAccount token."""
+    tokens = api_token_volumes(pod)
+    return [
+        f"container {container.get('name')} mounts the API token volume {mount['name']}"
+        for kind in ("initContainers", "containers")
+        for container in pod.get(kind) or []
+        for mount in container.get("volumeMounts") or []
+        if mount.get("name") in tokens
+    ]
+
+
+def autoscaler_problems(spec: dict) -> list[str]:
+    """The autoscaler sidecar (injected by KubeRay from autoscalerOptions): hardened like the
+    Ray containers, and where the head pod projects an API token, the one container to mount it
+    (at the standard path, read-only)."""
+    options = spec.get("autoscalerOptions") or {}
+    problems = container_security_problems(options, "autoscaler")
+    head = ((spec.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}
+    for name in api_token_volumes(head):
+        mounts = [m for m in options.get("volumeMounts") or [] if m.get("name") == name]
+        if not any(m.get("mountPath") == API_TOKEN_PATH and m.get("readOnly") for m in mounts):
+            problems.append(f"API token volume {name} not mounted read-only by the autoscaler")
+    return problems
+
+
+# --------------------------------------------------------------------------- Ray token
+
+
+def container_token_problems(container: dict, secret: str | None) -> list[str]:
+    """RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN from the Secret `secret` (key auth_token), not
+    optional (a missing Secret must stop the pod, not start Ray without the token)."""
+    env = {e.get("name"): e for e in container.get("env") or []}
+    problems = []
+    if (env.get("RAY_AUTH_MODE") or {}).get("value") != "token":
+        problems.append("RAY_AUTH_MODE is not token")
+    ref = ((env.get("RAY_AUTH_TOKEN") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+    if (ref.get("name"), ref.get("key")) != (secret, RAY_TOKEN_KEY):
+        problems.append(f"RAY_AUTH_TOKEN does not come from Secret {secret}/{RAY_TOKEN_KEY}")
+    elif ref.get("optional"):
+        problems.append("RAY_AUTH_TOKEN is optional")
+    return problems
+
+
+def ray_auth_problems(spec: Any) -> list[str]:
+    """A RayCluster spec with Ray token authentication: authOptions (mode token, our Secret, so
+    the operator and the autoscaler use it too) and the token in every Ray container."""
+    if not isinstance(spec, dict):
+        return ["RayCluster spec missing"]
+    auth = spec.get("authOptions") or {}
+    problems = []
+    if auth.get("mode") != "token":
+        problems.append("authOptions.mode is not token")
+    secret = auth.get("secretName")
+    if not secret:
+        problems.append("authOptions.secretName missing (the operator would make its own token)")
+    groups = [("head", spec.get("headGroupSpec") or {})]
+    groups += [
+        (f"worker group {g.get('groupName')}", g) for g in spec.get("workerGroupSpecs") or []
+    ]
+    for label, group in groups:
+        container = _ray_container(group.get("template") or {})
+        problems += [f"{label}: {p}" for p in container_token_problems(container, secret)]
+    return problems
+
+
+_HEX_64 = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{64}(?![0-9A-Fa-f])")
+_TOKEN_ASSIGNMENT = re.compile(r"\b(RAY_AUTH_TOKEN|auth_token)\s*[=:]\s*(\S+)")
+
+
+def plaintext_token_problems(text: str) -> list[str]:
+    """A Ray token written out: a 64-hex-digit string (the shape of `secrets.token_hex(32)` and
+    of `ray get-auth-token --generate`) not introduced as a sha256 digest, or RAY_AUTH_TOKEN /
+    auth_token assigned anything but a placeholder or a $variable."""
+    problems = [
+        f"64-hex-digit string at {m.start()}"
+        for m in _HEX_64.finditer(text)
+        if not text[: m.start()].endswith("sha256:")
+    ]
+    for name, value in _TOKEN_ASSIGNMENT.findall(text):
+        value = value.strip("'\"{},")
+        if value and not value.startswith(("$", PLACEHOLDER)):
+            problems.append(f"{name} set to {value[:4]}…")
+    return problems
+
+
+# --------------------------------------------------------------------------- NetworkPolicy
+
+
+class Pod:
+    """A pod as NetworkPolicies see it: its labels, its namespace and that namespace's labels."""
+
+    def __init__(self, labels: dict, namespace: str = "amid", namespace_labels: dict | None = None):
+        self.labels = labels
+        self.namespace = namespace
+        self.namespace_labels = {
+            "kubernetes.io/metadata.name": namespace,
+            **(namespace_labels or {}),
+        }
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector: every matchLabels pair and every matchExpressions term (In,
+    NotIn, Exists, DoesNotExist) must hold; the empty selector matches every pod."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for term in selector.get("matchExpressions") or []:
+        key, operator, values = term["key"], term["operator"], term.get("values") or []
+        holds = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not holds:
+            return False
+    return True
+
+
+def peer_matches(peer: dict, policy_namespace: str, source: Pod) -> bool:
+    """A `from` peer: a podSelector alone means pods of the policy's namespace; with a
+    namespaceSelector, pods of the matching namespaces (both selectors must hold)."""
+    if "ipBlock" in peer:
+        raise ValueError(f"ipBlock peers are not modelled: {peer}")
+    if "namespaceSelector" in peer:
+        in_namespace = selector_matches(peer["namespaceSelector"], source.namespace_labels)
+    else:
+        in_namespace = source.namespace == policy_namespace
+    return in_namespace and selector_matches(peer.get("podSelector") or {}, source.labels)
+
+
+def rule_admits_port(rule: dict, port: int) -> bool:
+    """No `ports`: every port; otherwise a TCP entry whose port (..endPort) covers `port`."""
+    entries = rule.get("ports")
+    if not entries:
+        return True
+    for entry in entries:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        if "port" not in entry:
+            return True
+        if not isinstance(entry["port"], int):
+            raise ValueError(f"named ports are not modelled: {entry}")
+        if entry["port"] <= port <= entry.get("endPort", entry["port"]):
+            return True
+    return False
+
+
+def ingress_allowed(
+    policies: list[dict], namespace: str, dest: Pod, port: int, source: Pod
+) -> bool:
+    """Whether NetworkPolicies `policies` (applied in `namespace`) let `source` open a TCP
+    connection to `dest`:`port`. A pod that no policy selects for Ingress accepts everything;
+    a selected pod accepts what at least one rule of a selecting policy admits (a rule without
+    `from` admits every source)."""
+    selecting = [
+        policy
+        for policy in policies
+        if dest.namespace == namespace
+        and selector_matches(policy["spec"]["podSelector"], dest.labels)
+        and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    return any(
+        rule_admits_port(rule, port)
+        and (not rule.get("from") or any(peer_matches(p, namespace, source) for p in rule["from"]))
+        for policy in selecting
+        for rule in policy["spec"].get("ingress") or []
+    )
+
+
+def kuberay_pod_labels(template: dict, node_type: str) -> dict:
+    """The labels KubeRay gives a Ray pod: its own defaults, overridden by the template's
+    (ray.io/node-type, group and cluster cannot be overridden; ours set none of them)."""
+    defaults = {
+        "ray.io/is-ray-node": "yes",
+        "ray.io/node-type": node_type,
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
+    return {**defaults, **((template.get("metadata") or {}).get("labels") or {})}
+
+
+NAMESPACE = "amid"  # where the manifests are applied; any name, the policies do not name it
+RAY_PORTS = (6379, 8265, 10001, 10002, 19999, 8076, 52365, 45123)  # 45123: an NCCL port
+MLFLOW_PORTS = (5000, 22, 8265)
+EVERY = "every"
+
+
+def network_pods(cluster_spec: dict, job: dict, mlflow: dict) -> dict[str, Pod]:
+    head = cluster_spec["headGroupSpec"]["template"]
+    worker = cluster_spec["workerGroupSpecs"][0]["template"]
+    submitter = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    server = mlflow["spec"]["template"]["metadata"]["labels"]
+    dashboard_client = {"amid-ray/ray-dashboard-client": "true"}
+    mlflow_client = {"amid-ray/mlflow-client": "true"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    return {
+        "head": Pod(kuberay_pod_labels(head, "head")),
+        "worker": Pod(kuberay_pod_labels(worker, "worker")),
+        "submitter": Pod(submitter),
+        "mlflow": Pod(server),
+        "stranger": Pod({"app": "notebook"}),
+        "operator": Pod(operator, "kuberay-system", {"amid-ray/kuberay-operator": "true"}),
+        "operator, unlabelled namespace": Pod(operator, "kuberay-system"),
+        "dashboard client elsewhere": Pod(dashboard_client, "ci", dashboard_client),
+        "dashboard label, unlabelled namespace": Pod(dashboard_client, "ci"),
+        "mlflow client": Pod(mlflow_client),
+        "mlflow client elsewhere": Pod(mlflow_client, "notebooks", mlflow_client),
+        "mlflow label, unlabelled namespace": Pod(mlflow_client, "notebooks"),
+    }
+
+
+# (source, destination) -> the ports that must be open; every other pair and port: closed.
+EXPECTED_OPEN = {
+    ("head", "head"): EVERY,
+    ("worker", "head"): EVERY,
+    ("head", "worker"): EVERY,
+    ("worker", "worker"): EVERY,
+    ("submitter", "head"): {8265},
+    ("operator", "head"): {8265},
+    ("dashboard client elsewhere", "head"): {8265},
+    ("head", "mlflow"): {5000},
+    ("worker", "mlflow"): {5000},
+    ("mlflow client", "mlflow"): {5000},
+    ("mlflow client elsewhere", "mlflow"): {5000},
+}
+
+
+def network_matrix_problems(policies: list[dict], pods: dict[str, Pod]) -> list[str]:
+    """Every (source, destination, port) whose fate under `policies` differs from EXPECTED_OPEN."""
+    problems = []
+    for dest_name, ports in (("head", RAY_PORTS), ("worker", RAY_PORTS), ("mlflow", MLFLOW_PORTS)):
+        for source_name, source in pods.items():
+            expected = EXPECTED_OPEN.get((source_name, dest_name), set())
+            expected = set(ports) if expected == EVERY else expected
+            opened = {
+                port
+                for port in ports
+                if ingress_allowed(policies, NAMESPACE, pods[dest_name], port, source)
+            }
+            if opened != expected:
+                problems.append(
+                    f"{source_name} -> {dest_name}: open {sorted(opened)}, "
+                    f"expected {sorted(expected)}"
+                )
+    return problems
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def launcher_security_problems(cfg: dict) -> list[str]:
+    """The cluster launcher's containers: no new privileges, no capabilities, not privileged,
+    Ray token auth (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH to a file `ray up` copies)."""
+    docker = cfg.get("docker") or {}
+    options = [
+        o
+        for key in ("run_options", "head_run_options", "worker_run_options")
+        for o in docker.get(key) or []
+    ]
+    tokens = shlex.split(" ".join(options))
+    pairs = set(zip(tokens, tokens[1:], strict=False))
+    env = dict(b.split("=", 1) for a, b in pairs if a in ("--env", "-e") and "=" in b)
+    problems = []
+    if ("--security-opt", "no-new-privileges") not in pairs:
+        problems.append("docker run without --security-opt no-new-privileges")
+    if ("--cap-drop", "ALL") not in pairs:
+        problems.append("docker run without --cap-drop ALL")
+    problems += [f"docker run with {t}" for t in tokens if t in ("--privileged", "--cap-add")]
+    if env.get("RAY_AUTH_MODE") != "token":
+        problems.append("RAY_AUTH_MODE=token is not set for the containers")
+    token_path = env.get("RAY_AUTH_TOKEN_PATH", "")
+    home = "/home/ray/"  # the image's HOME; file_mounts' ~/ lands there
+    mounted = {str(dst).replace("~/", home, 1) for dst in (cfg.get("file_mounts") or {})}
+    if token_path not in mounted:
+        problems.append(f"RAY_AUTH_TOKEN_PATH {token_path!r} is not a file_mounts target")
+    return problems
+
+
+# =========================================================================== security: real files
+
+
+def _service_accounts() -> dict[str, bool]:
+    return {
+        doc["metadata"]["name"]: doc.get("automountServiceAccountToken")
+        for doc in load_docs(SERVICEACCOUNTS)
+        if doc["kind"] == "ServiceAccount"
+    }
+
+
+def _all_pod_specs() -> list[tuple[str, dict]]:
+    return [
+        (f"{rel(path)} {where}", pod) for path, doc in k8s_docs() for where, pod in pod_specs(doc)
+    ]
+
+
+def test_every_pod_spec_is_found():
+    # head + worker in raycluster.yaml; submitter + head + worker in rayjob.yaml; MLflow.
+    found = sorted(where for where, _ in _all_pod_specs())
+    assert len(found) == 6, found
+
+
+@pytest.mark.parametrize("where,pod", _all_pod_specs(), ids=[w for w, _ in _all_pod_specs()])
+def test_pod_runs_with_least_privilege(where, pod):
+    assert pod_security_problems(pod, _service_accounts()) == []
+    assert api_token_mount_problems(pod) == []
+
+
+def test_service_accounts_mount_no_token_and_nothing_grants_them_rights():
+    accounts = _service_accounts()
+    assert set(accounts) == {
+        "amid-ray-head",
+        "amid-ray-worker",
+        "amid-ray-submitter",
+        "amid-mlflow",
+    }
+    assert all(flag is False for flag in accounts.values())
+    assert [doc["kind"] for _, doc in k8s_docs() if doc["kind"] in _RBAC_KINDS] == []
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=rel)
+def test_only_the_autoscaler_holds_an_api_token(path):
+    doc = load_one(path)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    head = spec["headGroupSpec"]["template"]["spec"]
+    assert api_token_volumes(head) == {"autoscaler-api-token"}
+    assert autoscaler_problems(spec) == []
+    # The KubeRay autoscaler Role is bound to the head's ServiceAccount.
+    assert head["serviceAccountName"] == "amid-ray-head"
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=rel)
+def test_ray_token_auth_is_on(path):
+    doc = load_one(path)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert ray_auth_problems(spec) == []
+    # The Secret it names exists (as an example) with the key KubeRay reads.
+    examples = {d["metadata"]["name"]: d for d in load_docs(KUBERAY / "secrets.example.yaml")}
+    assert examples[spec["authOptions"]["secretName"]]["stringData"] == {RAY_TOKEN_KEY: PLACEHOLDER}
+    # The token needs Ray >= 2.52 (KubeRay refuses authOptions below).
+    major, minor, _ = (int(x) for x in spec["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)
+
+
+def test_rayjob_submitter_has_the_token_and_may_reach_the_dashboard():
+    job = load_one(RAYJOB)
+    template = job["spec"]["submitterPodTemplate"]
+    secret = job["spec"]["rayClusterSpec"]["authOptions"]["secretName"]
+    assert container_token_problems(template["spec"]["containers"][0], secret) == []
+    assert template["metadata"]["labels"]["amid-ray/ray-dashboard-client"] == "true"
+    assert template["spec"]["restartPolicy"] == "Never"
+
+
+def test_no_ray_token_anywhere_in_deploy():
+    found = [
+        f"{rel(path)}: {problem}"
+        for path in DEPLOY.rglob("*")
+        if path.is_file()
+        for problem in plaintext_token_problems(path.read_text())
+    ]
+    assert not found
+
+
+def test_network_policies_are_plain_ingress_rules():
+    policies = load_docs(NETWORKPOLICY)
+    assert {p["kind"] for p in policies} == {"NetworkPolicy"}
+    for policy in policies:
+        assert policy["spec"]["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
+        for rule in policy["spec"]["ingress"]:
+            for entry in rule.get("ports") or []:
+                assert isinstance(entry["port"], int) and entry.get("protocol") == "TCP"
+
+
+def _real_network_pods() -> dict[str, Pod]:
+    # The RayJob's cluster has the RayCluster's spec (a test above), hence the same pod labels.
+    mlflow = next(d for d in load_docs(MLFLOW_K8S) if d["kind"] == "Deployment")
+    return network_pods(load_one(RAYCLUSTER)["spec"], load_one(RAYJOB), mlflow)
+
+
+def test_network_policies_select_the_ray_pods_and_mlflow():
+    policies = load_docs(NETWORKPOLICY)
+    pods = _real_network_pods()
+    for name in ("head", "worker", "mlflow"):
+        assert any(selector_matches(p["spec"]["podSelector"], pods[name].labels) for p in policies)
+    # Clients are not Ray pods: the submitter must not get Ray-to-Ray access by its labels.
+    cluster_policy = next(p for p in policies if p["metadata"]["name"] == "amid-ray-cluster")
+    assert not selector_matches(cluster_policy["spec"]["podSelector"], pods["submitter"].labels)
+
+
+def test_network_policies_open_exactly_the_expected_ports():
+    assert network_matrix_problems(load_docs(NETWORKPOLICY), _real_network_pods()) == []
+
+
+def test_cluster_launcher_security():
+    assert launcher_security_problems(load_one(LAUNCHER)) == []
+
+
+def test_security_doc_names_the_trust_boundaries():
+    text = (ROOT / "docs" / "SECURITY.md").read_text()
+    for phrase in (
+        "tuner.pkl",
+        "weights_only=True",
+        "safetensors",
+        "--insecure",
+        "redact_uri",
+        "RAY_AUTH_MODE",
+        "NetworkPolicy",
+        "automountServiceAccountToken",
+    ):
+        assert phrase in text, phrase
+    mentioned = set(re.findall(r"deploy/[\w./-]*\w", text))
+    assert mentioned and all((ROOT / m).exists() for m in mentioned), mentioned
+
+
+# =========================================================================== security: negatives
+
+
+def _mutated(doc: dict, change) -> dict:
+    copied = copy.deepcopy(doc)
+    change(copied)
+    return copied
+
+
+def _head_pod(spec: dict) -> dict:
+    return spec["headGroupSpec"]["template"]["spec"]
+
+
+def _head_container(spec: dict) -> dict:
+    return _head_pod(spec)["containers"][0]
+
+
+@pytest.mark.parametrize(
+    "label,change,expect",
+    [
+        ("root user", lambda p: p["securityContext"].update(runAsUser=0), "non-root"),
+        ("no runAsNonRoot", lambda p: p["securityContext"].pop("runAsNonRoot"), "non-root"),
+        ("no seccomp", lambda p: p["securityContext"].pop("seccompProfile"), "seccomp"),
+        ("token mounted", lambda p: p.update(automountServiceAccountToken=True), "automount"),
+        ("no token setting", lambda p: p.pop("automountServiceAccountToken"), "automount"),
+        ("default account", lambda p: p.pop("serviceAccountName"), "ServiceAccount"),
+        ("host network", lambda p: p.update(hostNetwork=True), "hostNetwork"),
+        (
+            "hostPath",
+            lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+            "hostPath",
+        ),
+        (
+            "escalation",
+            lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+            "allowPrivilegeEscalation",
+        ),
+        (
+            "capabilities kept",
+            lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+            "drop ALL",
+        ),
+        (
+            "capability added",
+            lambda p: p["containers"][0]["securityContext"]["capabilities"].update(
+                add=["NET_ADMIN"]
+            ),
+            "adds capabilities",
+        ),
+        (
+            "privileged",
+            lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+            "privileged",
+        ),
+        (
+            "writable root",
+            lambda p: p["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+            "writable",
+        ),
+        (
+            "no memory limit",
+            lambda p: p["containers"][0]["resources"]["limits"].pop("memory"),
+            "memory limit",
+        ),
+        (
+            "unhardened init container",
+            lambda p: p.update(initContainers=[{"name": "init", "image": "x:1.0"}]),
+            "container init",
+        ),
+    ],
+)
+def test_pod_security_checker_flags(label, change, expect):
+    good = _head_pod(load_one(RAYCLUSTER)["spec"])
+    assert pod_security_problems(good, _service_accounts()) == []
+    problems = pod_security_problems(_mutated(good, change), _service_accounts())
+    assert any(expect in p for p in problems), (label, problems)
+    # A ServiceAccount that mounts its own token is refused as well.
+    assert any(
+        "mounts its token" in p
+        for p in pod_security_problems(good, {**_service_accounts(), "amid-ray-head": True})
+    )
+
+
+def test_api_token_checkers_flag():
+    spec = load_one(RAYCLUSTER)["spec"]
+    mount = {"name": "autoscaler-api-token", "mountPath": API_TOKEN_PATH, "readOnly": True}
+    in_ray_container = _mutated(
+        _head_pod(spec), lambda p: p["containers"][0]["volumeMounts"].append(mount)
+    )
+    assert any("ray-head" in p for p in api_token_mount_problems(in_ray_container))
+    unmounted = _mutated(spec, lambda s: s["autoscalerOptions"].update(volumeMounts=[]))
+    assert any("autoscaler-api-token" in p for p in autoscaler_problems(unmounted))
+    writable = _mutated(spec, lambda s: s["autoscalerOptions"]["volumeMounts"][0].pop("readOnly"))
+    assert any("read-only" in p for p in autoscaler_problems(writable))
+    loose = _mutated(spec, lambda s: s["autoscalerOptions"].pop("securityContext"))
+    assert any("allowPrivilegeEscalation" in p for p in autoscaler_problems(loose))
+
+
+def _token_env(spec: dict) -> dict:
+    return next(e for e in _head_container(spec)["env"] if e["name"] == "RAY_AUTH_TOKEN")
+
+
+@pytest.mark.parametrize(
+    "label,change,expect",
+    [
+        ("auth disabled", lambda s: s["authOptions"].update(mode="disabled"), "mode"),
+        ("no authOptions", lambda s: s.pop("authOptions"), "mode"),
+        ("operator's own token", lambda s: s["authOptions"].pop("secretName"), "secretName"),
+        (
+            "mode off in the head",
+            lambda s: _head_container(s)["env"].__setitem__(
+                0, {"name": "RAY_AUTH_MODE", "value": "disabled"}
+            ),
+            "RAY_AUTH_MODE",
+        ),
+        (
+            "token inline",
+            lambda s: _token_env(s).update(value="0" * 64) or _token_env(s).pop("valueFrom"),
+            "RAY_AUTH_TOKEN",
+        ),
+        (
+            "token from another Secret",
+            lambda s: _token_env(s)["valueFrom"]["secretKeyRef"].update(name="amid-ray-secrets"),
+            "RAY_AUTH_TOKEN",
+        ),
+        (
+            "token optional",
+            lambda s: _token_env(s)["valueFrom"]["secretKeyRef"].update(optional=True),
+            "optional",
+        ),
+        (
+            "worker without token",
+            lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(env=[]),
+            "worker group gpu",
+        ),
+    ],
+)
+def test_ray_auth_checker_flags(label, change, expect):
+    good = load_one(RAYCLUSTER)["spec"]
+    assert ray_auth_problems(good) == []
+    # YAML anchors make head and worker share one env list: mutate a copy of the whole spec.
+    problems = ray_auth_problems(_mutated(good, change))
+    assert any(expect in p for p in problems), (label, problems)
+
+
+@pytest.mark.parametrize(
+    "text,flagged",
+    [
+        ("auth_token: " + "3f" * 32, True),
+        ('auth_token: "REPLACE_ME"', False),
+        ("RAY_AUTH_TOKEN=hunter2 ray start", True),
+        ("RAY_AUTH_TOKEN=$(cat ~/.amid/ray_auth_token)", False),
+        ("--env RAY_AUTH_TOKEN_PATH=/home/ray/.amid/ray_auth_token", False),
+        ("--from-literal=auth_token=s3cr3t", True),
+        ('--from-literal=auth_token="$(python3 -c ...)"', False),
+        ("secretKeyRef: {name: amid-ray-auth, key: auth_token}", False),
+        ("image@sha256:" + "a" * 64, False),
+        ("echo " + "A" * 64, True),
+    ],
+)
+def test_plaintext_token_rule(text, flagged):
+    assert bool(plaintext_token_problems(text)) is flagged, plaintext_token_problems(text)
+
+
+def test_selector_semantics():
+    labels = {"app": "a", "tier": "x"}
+    assert selector_matches({}, labels)
+    assert selector_matches({"matchLabels": {"app": "a"}}, labels)
+    assert not selector_matches({"matchLabels": {"app": "b"}}, labels)
+    for operator, values, holds in (
+        ("In", ["x", "y"], True),
+        ("In", ["y"], False),
+        ("NotIn", ["y"], True),
+        ("NotIn", ["x"], False),
+        ("Exists", [], True),
+        ("DoesNotExist", [], False),
+    ):
+        term = {"key": "tier", "operator": operator, "values": values}
+        assert selector_matches({"matchExpressions": [term]}, labels) is holds, operator
+    assert selector_matches(
+        {"matchExpressions": [{"key": "gone", "operator": "NotIn", "values": ["x"]}]}, labels
+    )
+
+
+def test_ingress_semantics():
+    def policy(ingress, selector=None, types=("Ingress",)):
+        spec = {"podSelector": selector or {"matchLabels": {"app": "db"}}, "ingress": ingress}
+        return {"spec": {**spec, "policyTypes": list(types)}}
+
+    db, web = Pod({"app": "db"}), Pod({"app": "web"})
+    web_elsewhere = Pod({"app": "web"}, "other", {"team": "blue"})
+    web_peer = {"podSelector": {"matchLabels": {"app": "web"}}}
+    blue = {"namespaceSelector": {"matchLabels": {"team": "blue"}}}
+
+    def allowed(policies, source, port=5432):
+        return ingress_allowed(policies, NAMESPACE, db, port, source)
+
+    assert allowed([], web)  # no policy: not isolated
+    assert allowed([policy([], selector={"matchLabels": {"app": "other"}})], web)
+    assert allowed([policy([], types=("Egress",))], web)  # egress-only: ingress open
+    assert not allowed([policy([])], web)  # selected, no rule: closed
+    assert allowed([policy([{}])], web_elsewhere)  # a rule without from: every source
+    assert allowed([policy([{"from": [web_peer]}])], web)
+    assert not allowed([policy([{"from": [web_peer]}])], web_elsewhere)  # podSelector: own ns
+    assert allowed([policy([{"from": [blue]}])], web_elsewhere)
+    assert not allowed(
+        [policy([{"from": [{**blue, **web_peer}]}])], Pod({"app": "x"}, "other", {"team": "blue"})
+    )
+    assert allowed(
+        [policy([{"from": [blue, web_peer]}])], Pod({"app": "x"}, "other", {"team": "blue"})
+    )  # OR of peers
+    ranged = policy([{"ports": [{"protocol": "TCP", "port": 5000, "endPort": 5010}]}])
+    assert allowed([ranged], web, 5005) and not allowed([ranged], web, 5011)
+    udp = policy([{"ports": [{"protocol": "UDP", "port": 5432}]}])
+    assert not allowed([udp], web)
+    # Two policies on one pod: the union of what they admit.
+    one = policy([{"from": [web_peer], "ports": [{"protocol": "TCP", "port": 1}]}])
+    two = policy([{"from": [web_peer], "ports": [{"protocol": "TCP", "port": 2}]}])
+    assert allowed([one, two], web, 1) and allowed([one, two], web, 2)
+    assert not allowed([one, two], web, 3)
+    with pytest.raises(ValueError):
+        allowed([policy([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}])], web)
+
+
+def _policy(policies: list[dict], name: str) -> dict:
+    return next(p for p in policies if p["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize(
+    "label,change_policies,change_cluster,expect",
+    [
+        (
+            "dashboard rule without ports",
+            lambda ps: _policy(ps, "amid-ray-dashboard")["spec"]["ingress"][0].pop("ports"),
+            None,
+            "submitter -> head",
+        ),
+        (
+            "Ray ports open to the namespace",
+            lambda ps: _policy(ps, "amid-ray-cluster")["spec"]["ingress"][0].update(
+                {"from": [{"podSelector": {}}]}
+            ),
+            None,
+            "stranger -> head",
+        ),
+        (
+            "operator from any namespace",
+            lambda ps: _policy(ps, "amid-ray-dashboard")["spec"]["ingress"][0]["from"][2].update(
+                namespaceSelector={}
+            ),
+            None,
+            "operator, unlabelled namespace -> head",
+        ),
+        (
+            "no MLflow policy",
+            lambda ps: ps.remove(_policy(ps, "amid-mlflow")),
+            None,
+            "stranger -> mlflow",
+        ),
+        (
+            "Ray pods lose their label",
+            None,
+            lambda s: s["headGroupSpec"]["template"]["metadata"]["labels"].pop(
+                "app.kubernetes.io/name"
+            ),
+            "-> head",
+        ),
+    ],
+)
+def test_network_matrix_flags(label, change_policies, change_cluster, expect):
+    policies = load_docs(NETWORKPOLICY)
+    cluster = load_one(RAYCLUSTER)["spec"]
+    if change_policies:
+        change_policies(policies)
+    if change_cluster:
+        change_cluster(cluster)
+    mlflow = next(d for d in load_docs(MLFLOW_K8S) if d["kind"] == "Deployment")
+    problems = network_matrix_problems(policies, network_pods(cluster, load_one(RAYJOB), mlflow))
+    assert any(expect in p for p in problems), (label, problems)
+
+
+def test_launcher_security_checker_flags():
+    good = load_one(LAUNCHER)
+
+    def options_without(option):
+        return lambda c: c["docker"].update(
+            run_options=[o for o in c["docker"]["run_options"] if o != option]
+        )
+
+    cases = [
+        (options_without("--security-opt no-new-privileges"), "no-new-privileges"),
+        (options_without("--cap-drop ALL"), "--cap-drop ALL"),
+        (lambda c: c["docker"]["run_options"].append("--privileged"), "--privileged"),
+        (lambda c: c["docker"]["run_options"].append("--cap-add SYS_ADMIN"), "--cap-add"),
+        (options_without("--env RAY_AUTH_MODE=token"), "RAY_AUTH_MODE"),
+        (lambda c: c["file_mounts"].pop("~/.amid/ray_auth_token"), "RAY_AUTH_TOKEN_PATH"),
+    ]
+    for change, expect in cases:
+        problems = launcher_security_problems(_mutated(good, change))
+        assert any(expect in p for p in problems), (expect, problems)
