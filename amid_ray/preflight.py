@@ -1,9 +1,11 @@
 """Checks that refuse a bad run or search before Ray starts, each with a `ConfigError`.
 
 What the configuration parser cannot see from the file alone is checked here, cheaply: the
-models' tokenizers and configs (never their weights), the data files and the rows left after the
-train/dev split, the storage and tracking folders, the tracking server and the Ray address
-(each reachable within seconds), and what this machine can give a local Ray. `local_ray_lock`
+models' tokenizers and configs (their weights are never loaded), the data files and the rows left
+after the train/dev split, the storage and tracking folders, the tracking server and the Ray
+address (each reachable within seconds), and what this machine can give a local Ray. A Hub id is
+fetched into the Hugging Face cache first, a model's weights included, so that workers sharing the
+cache (HF_HOME) find it there; with HF_HUB_OFFLINE=1 it must be cached already. `local_ray_lock`
 keeps a second local Ray of amid-ray from starting beside a running one.
 """
 
@@ -112,8 +114,8 @@ class ModelFacts:
     """What the checks read of one model source: its tokenizer and config, not its weights."""
 
     key: str  # the configuration key that names the model, e.g. "models.teacher"
-    source: str  # as configured ("demo", "smollm2", a path)
-    location: str  # the folder or .gguf file it stands for
+    source: str  # as configured ("demo", "smollm2", a path, a Hub id)
+    location: str  # the folder or .gguf file it stands for (a Hub id's: in the Hugging Face cache)
     tokenizer: PreTrainedTokenizerBase
     logits: int  # logits per position (the config's vocab_size)
     positions: int | None  # longest sequence the model takes (None: the config does not say)

