@@ -153,9 +153,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> int:
     from amid_ray.cluster import ray_session
     from amid_ray.preflight import check_tracking_uri, preflight_run
-    from amid_ray.search import TRACKING_URI_FILE, load_search_file, load_tracking_uri, run_search
+    from amid_ray.search import (
+        TRACKING_URI_FILE,
+        check_resumable,
+        load_search_file,
+        load_tracking_uri,
+        run_search,
+        search_spec,
+    )
 
     run = load_search_file(search_dir)
+    search_spec(run)  # all of these before Ray starts
+    check_resumable(search_dir)
     _prepare_demo(run)
     preflight_run(run, address=address, tracking_uri=tracking_uri)
     if tracking_uri is None and (stored := load_tracking_uri(search_dir)):
@@ -191,14 +200,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if uri.startswith("http"):
-        print(f"this search logs to a tracking server: open {uri}")
+        from amid_ray.preflight import redact_uri
+
+        print(f"this search logs to a tracking server: open {redact_uri(uri)}")
         return 0
     if args.host not in LOOPBACK_HOSTS and not args.insecure:
         raise UsageError(f"--host {args.host} would serve MLflow without authentication beyond "
                          "this machine; use an SSH tunnel or port-forward to 127.0.0.1, or pass "
                          "--insecure if the network is trusted")
+    from amid_ray.mlflow_runs import read_experiment_id, runs_page_url
+
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {search_dir} at {url}  (Ctrl-C stops it)", flush=True)
+    experiment = read_experiment_id(search_dir)
+    page = runs_page_url(url, experiment) if experiment else url
+    print(f"MLflow UI for {search_dir} at {page}  (Ctrl-C stops it)", flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port",
                str(args.port), "--workers", "1", "--backend-store-uri", uri]
@@ -338,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="start the MLflow UI for a search on 127.0.0.1")
     ui.add_argument("search_dir", metavar="SEARCH_DIR", nargs="?", help="default: .")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--insecure", action="store_true",
                     help="allow a --host other than loopback (MLflow has no login here)")
     ui.set_defaults(handler=cmd_ui)
@@ -373,6 +388,13 @@ def _whole_number(text: str, lowest: int) -> int:
     if value < lowest:
         raise argparse.ArgumentTypeError(f"{value} is below {lowest}")
     return value
+
+
+def _port(text: str) -> int:
+    port = _whole_number(text, 1)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{port} is above 65535, the highest TCP port")
+    return port
 
 
 def _positive(text: str) -> int:

@@ -13,7 +13,10 @@ What a user reads there: each child run's params are its trial's full effective 
 configuration as a file `amid-ray train --config` runs. The parent run holds the base
 configuration the trials start from the same way (its `config.yaml` with the search section).
 Parent and children carry MLflow's standard context tags (user, source, git commit), as runs
-started with `mlflow.start_run` do.
+started with `mlflow.start_run` do. A trial the scheduler stopped early is a normal outcome of a
+search: its run ends FINISHED, tagged `amid_ray.stopped_early=true` with the step it reached;
+KILLED and FAILED mean killed and failed. The experiment is marked a model-training one, and
+`runs_page_url` is the UI page that lists its runs.
 
 Credentials for a remote tracking server come from the environment (`MLFLOW_TRACKING_TOKEN`,
 `MLFLOW_TRACKING_USERNAME`, `MLFLOW_TRACKING_PASSWORD`) and are read by MLflow itself; the
@@ -46,7 +49,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from amid_ray.atomic import write_text_atomic
 from amid_ray.config import ConfigError, flatten_dotted, point_config
-from amid_ray.metrics import CURVE_METRICS
+from amid_ray.metrics import CURVE_METRICS, ROUGE_L, VAL_LOSS
 from amid_ray.search_space import PRESET_KEY
 
 logger = logging.getLogger(__name__)
@@ -56,10 +59,18 @@ PARENT_RUN_FILE = "mlflow_parent_run.json"
 
 #: Tag holding the Tune trial id on each child run.
 TRIAL_ID_TAG = "trial_id"
-#: Tag of an ended child run: "true" when the scheduler or a stopper ended its trial (KILLED).
-STOPPED_EARLY_TAG = "stopped_early"
+#: Tag of an ended child run: "true" when the scheduler or a stopper ended its trial before
+#: `max_steps`, a normal outcome of a search (the run ends FINISHED), "false" otherwise.
+STOPPED_EARLY_TAG = "amid_ray.stopped_early"
+#: Tag of a child run stopped early: the last step its trial trained to.
+STOPPED_AT_STEP_TAG = "amid_ray.stopped_at_step"
 #: Tag of a child run ended at the end of the search because a driver died leaving it RUNNING.
 STATUS_INFERRED_TAG = "status_inferred"
+#: Parent-run metric: the step at which the best trial reached its best ROUGE-L.
+BEST_STEP = "best_step"
+#: Run metrics and tags the runs table shows (besides the searched params).
+RUNS_VIEW_METRICS = (ROUGE_L, VAL_LOSS, BEST_STEP)
+RUNS_VIEW_TAGS = (STOPPED_EARLY_TAG, STOPPED_AT_STEP_TAG)
 
 #: Artifact of every run: its configuration as YAML (a trial's runs as `amid-ray train --config`).
 CONFIG_ARTIFACT = "config.yaml"
@@ -67,6 +78,18 @@ CONFIG_ARTIFACT = "config.yaml"
 SEARCH_SPACE_ARTIFACT = "search_space.yaml"
 #: Top-level key of the search section in a configuration (not a run setting, so not a param).
 SEARCH_SECTION = "search"
+
+#: Experiment tag with which MLflow 3 tells model-training experiments from GenAI ones.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: Its value for a model-training experiment ("Machine learning" in the UI).
+MODEL_TRAINING_KIND = "custom_model_development"
+#: Query parameter of the MLflow 3 UI choosing its workflow ("genai" unless told, whatever an
+#: experiment's kind tag says, in 3.17) and the value showing runs, models and their charts.
+UI_WORKFLOW_PARAM = "workflowType"
+UI_MODEL_TRAINING_WORKFLOW = "machine_learning"
+#: Experiment tag prefix of the MLflow UI's shared runs-table views, and the name of ours.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW = "amid-ray"
 
 #: Tracking URI schemes of tracking servers, which choose where artifacts go. With any other
 #: store (SQLite, a database, a folder) artifacts would default to `./mlruns`.
@@ -85,12 +108,49 @@ def default_artifact_location(tracking_uri: str, search_dir: Path) -> str | None
     return (Path(search_dir).resolve() / "mlartifacts").as_uri()
 
 
+def runs_page_url(ui_url: str, experiment_id: str) -> str:
+    """The page of the MLflow UI at `ui_url` listing the experiment's runs, in the UI's model
+    training workflow, with the columns of the search's runs view (`runs_view`).
+
+    MLflow 3.17 opens an experiment on its GenAI overview unless the URL asks for the model
+    training workflow (the experiment's kind tag no longer decides it), and its runs table
+    shows no metric or param column unless a view selects them.
+    """
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?viewStateShareKey={RUNS_VIEW}&{UI_WORKFLOW_PARAM}={UI_MODEL_TRAINING_WORKFLOW}")
+
+
+def _column(group: str, key: str) -> str:
+    """A runs-table column as the MLflow UI names it: group.`key`."""
+    return f"{group}.`{key}`"
+
+
+def runs_view(param_keys: Sequence[str]) -> dict[str, Any]:
+    """The MLflow UI's runs-table view of a search (a shared view state): the logged model, the
+    headline metrics, the searched params `param_keys` and how trials ended."""
+    return {"selectedColumns": [
+        _column("attributes", "Models"),
+        *(_column("metrics", key) for key in RUNS_VIEW_METRICS),
+        *(_column("params", key) for key in param_keys),
+        *(_column("tags", key) for key in RUNS_VIEW_TAGS)]}
+
+
+def _parent_record(search_dir: Path) -> dict[str, str] | None:
+    record = Path(search_dir) / PARENT_RUN_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def read_parent_run_id(search_dir: Path) -> str | None:
     """The parent run id recorded in the search folder, or None before the search started."""
-    record = Path(search_dir) / PARENT_RUN_FILE
-    if not record.is_file():
-        return None
-    return json.loads(record.read_text())["run_id"]
+    record = _parent_record(search_dir)
+    return None if record is None else record["run_id"]
+
+
+def read_experiment_id(search_dir: Path) -> str | None:
+    """The id of the search's MLflow experiment recorded in the search folder (for
+    `runs_page_url`), or None before the search started."""
+    record = _parent_record(search_dir)
+    return None if record is None else record["experiment_id"]
 
 
 def is_number(value: Any) -> bool:
@@ -265,6 +325,9 @@ class SearchRuns:
         if self._parent is None:
             self._parent = self._resume_parent() or self._create_parent()
             run_id = self._parent.info.run_id
+            self.client.set_experiment_tag(self._parent.info.experiment_id,
+                                           SHARED_VIEW_TAG_PREFIX + RUNS_VIEW,
+                                           json.dumps(runs_view(self.param_keys)))
             self.log_missing_params(self._parent, config_params(run_settings(self.base_config)))
             self.client.log_text(run_id, config_yaml(self.base_config), CONFIG_ARTIFACT)
             self.client.log_text(run_id, config_yaml(self.base_config.get(SEARCH_SECTION) or {}),
@@ -305,11 +368,17 @@ class SearchRuns:
         return run
 
     def _experiment_id_by_name(self) -> str:
+        """The experiment named `experiment_name`, made if missing, marked a model-training
+        experiment unless it is marked already (a user's choice stays)."""
         experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(self.experiment_name,
-                                             artifact_location=self.artifact_location)
+        if experiment is None:
+            return self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                           MODEL_TRAINING_KIND)
+        return experiment.experiment_id
 
     # -- child runs -----------------------------------------------------------------------------
 
@@ -347,14 +416,32 @@ class SearchRuns:
     def set_running(self, run_id: str) -> None:
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
-    def end_child(self, run_id: str, status: int, *, inferred: bool = False) -> None:
-        """End a child run with `status` (a `RunStatus`), tagged `stopped_early` (true when
-        KILLED) and, when the status was read from its logged steps, `status_inferred`."""
-        tags = {STOPPED_EARLY_TAG: str(status == RunStatus.KILLED).lower()}
+    def end_child(self, run_id: str, status: int, *, stopped_at_step: int | None = None,
+                  inferred: bool = False) -> None:
+        """End a child run with `status` (a `RunStatus`), tagged `amid_ray.stopped_early`.
+
+        `stopped_at_step` is given for a trial the scheduler or a stopper ended there, before
+        `max_steps`: a normal outcome of a search, so it goes with FINISHED, the step in the tag
+        `amid_ray.stopped_at_step`. KILLED and FAILED are left for trials that were killed or
+        failed. `inferred`: the status was read from the logged steps (tag `status_inferred`).
+        """
+        tags = {STOPPED_EARLY_TAG: str(stopped_at_step is not None).lower()}
+        if stopped_at_step is not None:
+            tags[STOPPED_AT_STEP_TAG] = str(stopped_at_step)
+        elif STOPPED_AT_STEP_TAG in self.client.get_run(run_id).data.tags:
+            # A trial first seen stopped whose Train run went on to the end.
+            self.client.delete_tag(run_id, STOPPED_AT_STEP_TAG)
         if inferred:
             tags[STATUS_INFERRED_TAG] = "true"
         self.client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def ending_of(self, run: Run) -> tuple[str, int | None]:
+        """How a child run (as fetched) ended: its status and the step it was stopped at (None
+        unless it was stopped early)."""
+        step = run.data.tags.get(STOPPED_AT_STEP_TAG)
+        stopped = run.data.tags.get(STOPPED_EARLY_TAG) == "true"
+        return run.info.status, int(step) if stopped and step is not None else None
 
     # -- what runs hold -------------------------------------------------------------------------
 

@@ -27,9 +27,9 @@ def result_step(result: Mapping[str, Any]) -> int | None:
 
 
 class MLflowSearchTracker(Callback):
-    """Runs in the search driver. A child run ends FINISHED when its trial's last step reached
-    `max_steps`, KILLED (tag `stopped_early=true`) when the scheduler or a stopper ended it
-    sooner, FAILED on error."""
+    """Runs in the search driver. A child run ends FINISHED when its trial ends: at `max_steps`,
+    or sooner when the scheduler or a stopper ended it (tagged `amid_ray.stopped_early=true` and
+    `amid_ray.stopped_at_step`); FAILED on error."""
 
     def __init__(self, runs: SearchRuns):
         self.runs = runs
@@ -54,8 +54,8 @@ class MLflowSearchTracker(Callback):
         # The last step reported, to this driver or (a resumed trial) to an earlier one.
         last_result = result_step(trial.last_result or {})
         reached = max(self.runs.last_step(run_id), -1 if last_result is None else last_result)
-        finished = reached >= self.runs.max_steps
-        self.runs.end_child(run_id, RunStatus.FINISHED if finished else RunStatus.KILLED)
+        stopped_at = None if reached >= self.runs.max_steps else max(reached, 0)
+        self.runs.end_child(run_id, RunStatus.FINISHED, stopped_at_step=stopped_at)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:

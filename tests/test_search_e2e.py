@@ -43,7 +43,11 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
     assert set(children) == {r.trial_id for r in records}
     for record in records:
         child = children[record.trial_id]
-        assert child["status"] == ("FINISHED" if record.status == "finished" else "KILLED")
+        stopped = record.status == "stopped early"
+        assert child["status"] == "FINISHED"  # stopped early is not a failure
+        assert child["tags"]["amid_ray.stopped_early"] == str(stopped).lower()
+        assert child["tags"].get("amid_ray.stopped_at_step") == (
+            str(record.steps) if stopped else None)
         rouge_curve = child["metrics"]["rougeL"]
         assert len(rouge_curve) == record.steps // 2  # one point per evaluation round (synced)
         assert max(v for _, v in rouge_curve) == pytest.approx(record.best_rougeL)

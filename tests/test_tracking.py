@@ -30,11 +30,16 @@ from ray import tune
 from amid_ray.config import PRESET_RECIPES, RunConfig, apply_overrides, config_from_dict
 from amid_ray.losses import PRESETS
 from amid_ray.mlflow_runs import (
+    EXPERIMENT_KIND_TAG,
     PARENT_RUN_FILE,
+    STOPPED_AT_STEP_TAG,
+    STOPPED_EARLY_TAG,
     SearchRuns,
     default_artifact_location,
     default_tracking_uri,
     param_value,
+    read_experiment_id,
+    read_parent_run_id,
 )
 from amid_ray.publish import finish_search, sync_trial, write_study_plots
 from amid_ray.search_space import PRESET_KEY
@@ -157,16 +162,13 @@ def _study(summary: dict) -> optuna.Study:
 
 
 @pytest.fixture(scope="module")
-def finished(search) -> SimpleNamespace:
+def finished(search, tiny_world) -> SimpleNamespace:
     """finish_search from a third driver, after a driver died leaving two children RUNNING."""
     client = MlflowClient(search.uri)
     children = _children_by_alpha(search.after_resume)
     for alpha in (-3.0, STOPPED):
         client.update_run(children[alpha]["run_id"], status="RUNNING")
-    model_dir = search.root / "best_checkpoint"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    model_dir = Path(tiny_world["student"])
     best_child = children[-3.0]
     best = {"trial_id": best_child["trial_id"], "rougeL": best_child["metrics"]["rougeL"][-1][1],
             "config": {"amid": {"alpha": -3.0, "divergence": "kl"}, "train": {"lr": 1e-3}}}
@@ -335,6 +337,34 @@ def test_a_password_in_a_url_is_never_logged(store):
     assert "postgresql://***@db:5432/studies" in logged[0]
 
 
+def test_the_search_folder_names_its_parent_run_and_experiment(store):
+    assert read_parent_run_id(store.search_dir) is None
+    assert read_experiment_id(store.search_dir) is None
+    runs = _runs(store.uri, store.search_dir)
+    parent_id = runs.parent_run_id  # the parent run is made when first asked for
+    assert read_parent_run_id(store.search_dir) == parent_id
+    assert read_experiment_id(store.search_dir) == runs.experiment_id
+    assert MlflowClient(store.uri).get_experiment(runs.experiment_id).name == "amid-search"
+
+
+def test_the_experiment_is_marked_model_training_unless_marked_already(store, tmp_path):
+    """MLflow's UI tells model-training experiments from GenAI ones by a tag; a user's choice
+    stays."""
+    client = MlflowClient(store.uri)
+    artifacts = (tmp_path / "artifacts").as_uri()
+    client.create_experiment("kind-unmarked", artifact_location=artifacts)  # an older search's
+    client.create_experiment("kind-genai", artifact_location=artifacts,
+                             tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    names = ("kind-unmarked", "kind-genai", "kind-new")
+    for name in names:
+        SearchRuns(store.uri, name, tmp_path / name, base_config=_base(), max_steps=MAX_STEPS,
+                   param_keys=PARAM_KEYS).parent()
+    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+             for name in names}
+    assert kinds == {"kind-unmarked": "custom_model_development",
+                     "kind-genai": "genai_development", "kind-new": "custom_model_development"}
+
+
 def _git_head(folder: Path) -> str | None:
     done = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
                           text=True)
@@ -410,9 +440,12 @@ def test_each_run_holds_its_configuration_and_context(search):
 def test_children_end_as_their_trials_ended(search):
     children = _children_by_alpha(search.after_fit)
     assert children[-3.0]["status"] == "FINISHED"
-    assert children[-3.0]["tags"]["stopped_early"] == "false"
-    assert children[STOPPED]["status"] == "KILLED"
-    assert children[STOPPED]["tags"]["stopped_early"] == "true"
+    assert children[-3.0]["tags"][STOPPED_EARLY_TAG] == "false"
+    assert STOPPED_AT_STEP_TAG not in children[-3.0]["tags"]
+    # Stopped by the scheduler: a normal outcome, not a kill.
+    assert children[STOPPED]["status"] == "FINISHED"
+    assert children[STOPPED]["tags"][STOPPED_EARLY_TAG] == "true"
+    assert children[STOPPED]["tags"][STOPPED_AT_STEP_TAG] == "2"
     assert children[FAILS_ONCE]["status"] == "FAILED"
 
 
@@ -453,7 +486,8 @@ def test_finish_search_writes_the_results_onto_the_parent(search, finished):
     assert parent["tags"]["best_trial_id"] == finished.best["trial_id"]
     parent_id = finished.summary["parent_run_id"]
     root = {item.path for item in finished.client.list_artifacts(parent_id)}
-    assert {"search_space.yaml", "best_config.json", "trials.csv", "plots", "best_model"} <= root
+    # The best model is the parent's logged model (test_the_best_checkpoint_is_...), not a file.
+    assert {"search_space.yaml", "best_config.json", "trials.csv", "plots"} <= root
     plots = {Path(item.path).name for item in finished.client.list_artifacts(parent_id, "plots")}
     assert plots == {"optimization_history.png", "param_importances.png",
                      "parallel_coordinate.png"}
@@ -472,10 +506,14 @@ def test_the_best_checkpoint_is_a_registered_version_aliased_best(finished):
     version = finished.client.get_model_version_by_alias(MODEL_NAME, "best")
     assert version.version == finished.version.version
     assert version.run_id == finished.summary["parent_run_id"]
-    assert version.source.endswith("/best_model")
-    logged = Path(urlparse(version.source).path)
-    assert sorted(path.name for path in logged.iterdir()) == ["config.json", "model.safetensors"]
-    assert (logged / "config.json").read_text() == (finished.model_dir / "config.json").read_text()
+    parent = finished.client.get_run(version.run_id)
+    (output,) = parent.outputs.model_outputs
+    assert version.source == f"models:/{output.model_id}"
+    location = finished.client.get_logged_model(output.model_id).artifact_location
+    logged = Path(urlparse(location).path)
+    assert {"MLmodel", "model", "components"} <= {path.name for path in logged.iterdir()}
+    assert (logged / "model" / "config.json").read_text() == (
+        finished.model_dir / "config.json").read_text()
 
 
 def test_sync_trial_logs_rounds_tune_never_relayed_and_corrects_the_end(tmp_path):
@@ -493,15 +531,17 @@ def test_sync_trial_logs_rounds_tune_never_relayed_and_corrects_the_end(tmp_path
         tracker.on_trial_start(0, [], trial)
         for row in rows[:2]:
             tracker.on_trial_result(0, [], trial, row)
-        tracker.on_trial_complete(0, [], trial)  # Tune stopped both after step 2: KILLED
+        tracker.on_trial_complete(0, [], trial)  # Tune stopped both after step 2
     sync_trial(tracker.runs, "ran-on", rows, "finished")  # its Train run reached the last step
     sync_trial(_runs(uri, search_dir), "one-more", rows[:3], "stopped early")  # a new driver
     children = {c["trial_id"]: c for c in tracking_summary(uri, search_dir)["children"]}
     ran_on, one_more = children["ran-on"], children["one-more"]
     assert ran_on["metrics"]["val_loss"] == [(r["step"], r["val_loss"]) for r in rows]
-    assert (ran_on["status"], ran_on["tags"]["stopped_early"]) == ("FINISHED", "false")
+    assert (ran_on["status"], ran_on["tags"][STOPPED_EARLY_TAG]) == ("FINISHED", "false")
+    assert STOPPED_AT_STEP_TAG not in ran_on["tags"]  # the stop seen at step 2 is taken back
     assert [step for step, _ in one_more["metrics"]["rougeL"]] == [1, 2, 3]
-    assert (one_more["status"], one_more["tags"]["stopped_early"]) == ("KILLED", "true")
+    assert (one_more["status"], one_more["tags"][STOPPED_EARLY_TAG],
+            one_more["tags"][STOPPED_AT_STEP_TAG]) == ("FINISHED", "true", "3")
 
 
 def test_a_pickled_tracker_finds_its_runs_again(tmp_path):
@@ -525,12 +565,13 @@ def test_a_pickled_tracker_finds_its_runs_again(tmp_path):
     assert len(MlflowClient(uri).search_runs([summary["experiment_id"]])) == 2
     (child,) = summary["children"]
     assert child["metrics"]["rougeL"] == [(step, 10.0 * step) for step in range(1, MAX_STEPS + 1)]
-    assert (child["status"], child["tags"]["stopped_early"]) == ("FINISHED", "false")
+    assert (child["status"], child["tags"][STOPPED_EARLY_TAG]) == ("FINISHED", "false")
     assert child["params"]["amid.alpha"] == "1.0"
     assert set(child["params"]) == _setting_names()
 
 
-def test_finish_search_from_a_new_driver_ends_leftovers_and_registers_the_best(tmp_path):
+def test_finish_search_from_a_new_driver_ends_leftovers_and_registers_the_best(tmp_path,
+                                                                               tiny_world):
     """A driver died leaving two children RUNNING, one at the last step; a new driver's
     finish_search ends them as their logged steps show and publishes the best on the parent
     (hooks and publishing driven directly, real SQLite store)."""
@@ -543,9 +584,7 @@ def test_finish_search_from_a_new_driver_ends_leftovers_and_registers_the_best(t
         tracker.on_trial_start(0, [], trial)
         for step in range(1, last_step + 1):
             tracker.on_trial_result(0, [], trial, {"step": step, "rougeL": 10.0 * step})
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    model_dir = Path(tiny_world["student"])
     best = {"trial_id": "done", "rougeL": 40.0,
             "config": {"amid": {"alpha": 1.0}, "train": {"lr": 1e-3}}}
     version = finish_search(_runs(uri, search_dir), best=best,
@@ -553,16 +592,19 @@ def test_finish_search_from_a_new_driver_ends_leftovers_and_registers_the_best(t
                             optuna_study=None, best_model_dir=model_dir,
                             registered_model_name=MODEL_NAME)
     summary = tracking_summary(uri, search_dir)
-    ends = {c["trial_id"]: (c["status"], c["tags"]["stopped_early"], c["tags"]["status_inferred"])
-            for c in summary["children"]}
-    assert ends == {"done": ("FINISHED", "false", "true"), "cut": ("KILLED", "true", "true")}
+    ends = {c["trial_id"]: (c["status"], c["tags"][STOPPED_EARLY_TAG],
+                            c["tags"]["status_inferred"]) for c in summary["children"]}
+    # The search ended without the cut trial: a kill, not a stop by the scheduler.
+    assert ends == {"done": ("FINISHED", "false", "true"), "cut": ("KILLED", "false", "true")}
     parent = summary["parent"]
     assert parent["status"] == "FINISHED"
     best_params = {key: value for key, value in parent["params"].items()
                    if key.startswith("best.")}
     assert best_params == {"best.amid.alpha": "1.0", "best.train.lr": "0.001"}
     assert parent["params"]["amid.alpha"] == "0.5"  # the base configuration's
-    assert parent["metrics"] == {"best_rougeL": [(0, 40.0)], "num_trials": [(0, 2.0)]}
+    # The best trial's headline metrics, read off its curve: best ROUGE-L 40 at step 4.
+    assert parent["metrics"] == {"best_rougeL": [(0, 40.0)], "num_trials": [(0, 2.0)],
+                                 "rougeL": [(0, 40.0)], "best_step": [(0, 4.0)]}
     assert parent["tags"]["best_trial_id"] == "done"
     aliased = MlflowClient(uri).get_model_version_by_alias(MODEL_NAME, "best")
     assert (aliased.version, aliased.run_id) == (version.version, summary["parent_run_id"])
