@@ -15,6 +15,7 @@ Search folder `<storage>/<name>` holds everything needed to resume:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,38 @@ def load_search_file(search_dir: Path) -> RunConfig:
     return config_from_dict(read_yaml(path), str(path))
 
 
+#: The files Ray Tune restores a search from (`Tuner.restore`), checked without unpickling.
+TUNER_FILE = "tuner.pkl"
+PICKLE_START = b"\x80"
+
+
+def check_resumable(search_dir: Path) -> None:
+    """Refuse, before Ray starts, a search folder Tune could not restore: no Tune state (the
+    search never started its trials), or a Tune state that is not one (no readable experiment
+    snapshot, a `tuner.pkl` that is not a pickle). The pickles are not loaded here."""
+    if not tune.Tuner.can_restore(str(search_dir)):
+        held = sorted(p.name for p in search_dir.iterdir())
+        raise ConfigError(str(search_dir), "(search folder)", str(search_dir),
+                          f"has no Ray Tune state (it holds {held}): no trials yet, the "
+                          "search never started them; start it anew with `amid-ray tune "
+                          f"--config {search_dir / SEARCH_FILE}` after removing the folder")
+    tuner = search_dir / TUNER_FILE
+    if not tuner.read_bytes()[:1] == PICKLE_START:
+        raise ConfigError(str(tuner), "(Ray Tune state)", TUNER_FILE,
+                          "is not a Ray Tune state file (not a pickle): the folder was damaged")
+    snapshots = list(search_dir.glob("experiment_state-*.json"))
+    for snapshot in snapshots:
+        try:
+            json.loads(snapshot.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(str(snapshot), "(Ray Tune state)", snapshot.name,
+                              f"cannot be read ({error}): the folder was damaged") from None
+    if not snapshots:
+        raise ConfigError(str(search_dir), "(search folder)", str(search_dir),
+                          "has no trials yet: no Ray Tune experiment snapshot "
+                          "(experiment_state-*.json)")
+
+
 def save_tracking_uri(search_dir: Path, tracking_uri: str) -> None:
     write_text_atomic(search_dir / TRACKING_URI_FILE, tracking_uri)
 
@@ -184,12 +217,7 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     if resume_dir is not None:
         search_dir = Path(resume_dir).expanduser().resolve()
         run = load_search_file(search_dir)
-        if not tune.Tuner.can_restore(str(search_dir)):
-            held = sorted(p.name for p in search_dir.iterdir())
-            raise ConfigError(str(search_dir), "(search folder)", str(search_dir),
-                              f"has no Ray Tune state to resume (it holds {held}): the search "
-                              "never started its trials; start it anew with `amid-ray tune "
-                              f"--config {search_dir / SEARCH_FILE}` after removing the folder")
+        check_resumable(search_dir)
         # A driver killed while exporting can leave the old best/ aside: put it back now.
         recover_folder(search_dir / BEST_DIR)
     else:
@@ -253,4 +281,6 @@ def _conclude(run: RunConfig, spec: SearchSpec, search_dir: Path,
 def search_results(search_dir: Path) -> SearchOutcome:
     """The results of the search in `search_dir` as its folder holds them now (no Ray needed)."""
     search_dir = Path(search_dir).expanduser().resolve()
-    return read_results(load_search_file(search_dir), search_dir, load_tracking_uri(search_dir))
+    run = load_search_file(search_dir)
+    check_resumable(search_dir)
+    return read_results(run, search_dir, load_tracking_uri(search_dir))

@@ -152,8 +152,12 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
     for key in raw:
         if key not in known:
             fail(key, raw[key], f"unknown setting; known: {sorted(known)}")
+    raw_params = raw.get("params") or {}
+    if not isinstance(raw_params, Mapping):
+        fail("params", raw_params, "must map dotted keys to distributions, e.g. "
+             "{amid.alpha: {type: uniform, low: -5, high: 1}}")
     params = _dependencies_first(
-        [_parse_param(key, spec, fail) for key, spec in (raw.get("params") or {}).items()], fail
+        [_parse_param(key, spec, fail) for key, spec in raw_params.items()], fail
     )
     raw_baselines = raw.get("baselines") or []
     if not isinstance(raw_baselines, list):
@@ -172,6 +176,9 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
         sampler=_parse_sampler(raw.get("sampler", "tpe"), fail),
         storage=_parse_storage(raw.get("storage"), fail),
     )
+    if spec.params and not spec.is_grid and spec.num_samples < len(spec.baselines):
+        fail("num_samples", spec.num_samples, f"must be at least the {len(spec.baselines)} "
+             f"baselines {list(spec.baselines)} (num_samples counts them)")
     _check_against_run(spec, base, check_point, fail)
     return spec
 
@@ -301,6 +308,8 @@ def _parse_param(key: str, spec: Any, fail) -> Param:
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail(f"{where}.{name}", value, "must be a number")
+        if not math.isfinite(value):
+            fail(f"{where}.{name}", value, "must be a finite number")
     if not low < high:
         fail(where, spec, f"low ({low}) must be below high ({high})")
     if kind == "loguniform" and low <= 0:
