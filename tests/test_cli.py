@@ -64,7 +64,7 @@ def test_resume_refuses_a_folder_without_tune_state(capsys, tmp_path, tiny_world
     (search / "search.yaml").write_text(yaml.safe_dump(config))
     code, err = run_cli(capsys, "resume", str(search))
     assert code == 2
-    assert "has no Ray Tune state to resume (it holds ['search.yaml'])" in err
+    assert "has no Ray Tune state (it holds ['search.yaml']): no trials yet" in err
 
 
 def test_an_internal_error_says_it_is_a_bug_and_where_the_traceback_is(capsys, monkeypatch,
