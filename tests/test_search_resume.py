@@ -1,5 +1,6 @@
-"""A search resumed after its driver process is SIGKILLed: the real `tune_amid.py` driver and its
-local Ray killed mid-search, then `amid-ray resume`. Its own module, so no other test's Ray
+"""A search resumed after its driver process is SIGKILLed three times: the real `tune_amid.py`
+driver and its local Ray killed mid-search, then `amid-ray resume`, killed again twice wherever
+it is once it has made progress, and resumed to the end. Its own module, so no other test's Ray
 cluster is up beside the driver's (two local clusters confuse Ray Train's cleanup)."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRIALS, MAX_STEPS, EVERY = 6, 6, 2  # the tiny search of conftest.py: 3 evaluation rounds
 
 
-def test_resume_after_driver_sigkill_keeps_finished_work_and_asha_decisions(
+def test_three_driver_sigkills_keep_finished_work_and_asha_decisions(
         tiny_world, search_config, tmp_path):
     # One trial at a time, so ASHA's decisions are a function of the recorded curves.
     config = search_config(tiny_world, tmp_path, "resumed", num_samples=TRIALS, max_concurrent=1)
@@ -50,22 +51,36 @@ def test_resume_after_driver_sigkill_keeps_finished_work_and_asha_decisions(
         # The driver's local Ray cluster dies with its machine in this scenario.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-    before = {r.trial_id: r for r in collect_trials(search_dir, MAX_STEPS)}
-    assert sum(r.status in ("finished", "stopped early") for r in before.values()) < TRIALS
+    kept = {r.trial_id: r for r in collect_trials(search_dir, MAX_STEPS) if r.trial_id in ended}
+    resume = [sys.executable, "-m", "amid_ray.cli", "resume", str(search_dir)]
+    # Two more kills of the resumed driver, wherever it is once it has made progress.
+    for _ in range(2):
+        rounds = _rounds_reported(search_dir)
+        driver = subprocess.Popen(resume, cwd=tmp_path, env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_progress(search_dir, rounds, driver, timeout=600)
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
+        ended = _terminated_in_tune_snapshot(search_dir)
+        kept |= {r.trial_id: r for r in collect_trials(search_dir, MAX_STEPS)
+                 if r.trial_id in ended and r.trial_id not in kept}
+    assert len(kept) < TRIALS, "the search ended before the last kill"
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "amid_ray.cli", "resume", str(search_dir)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
-    )
+    resumed = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["num_trials"] == TRIALS
     records = collect_trials(search_dir, MAX_STEPS)
     after = {r.trial_id: r for r in records}
     assert len(after) == TRIALS
-    for trial_id in ended:  # ended trials kept as they were: not re-run, not changed
-        assert after[trial_id].history == before[trial_id].history
-        assert after[trial_id].best_checkpoint == before[trial_id].best_checkpoint
+    for trial_id, before in kept.items():  # ended trials kept as they were: not re-run
+        assert after[trial_id].history == before.history
+        assert after[trial_id].best_checkpoint == before.best_checkpoint
     for record in records:  # no step counter restarted: each round once, in order
         steps = [row["step"] for row in record.history]
         assert steps == list(range(EVERY, EVERY * len(steps) + 1, EVERY)), steps
@@ -102,6 +117,26 @@ def _train_history(search_dir: Path, trial_id: str) -> list[dict]:
 
     result = ray.train.Result.from_path(str(search_dir / "trials" / trial_id))
     return read_outcome(result).history
+
+
+def _rounds_reported(search_dir: Path) -> int:
+    """Evaluation rounds recorded in the trials' latest Train checkpoints, all trials together."""
+    total = 0
+    for folder in (search_dir / "trials").glob("*"):
+        with contextlib.suppress(Exception):  # a run being written right now
+            total += len(_train_history(search_dir, folder.name))
+    return total
+
+
+def _wait_for_progress(search_dir: Path, rounds: int, driver, timeout: float) -> None:
+    """Until the resumed search has checkpointed a round more than `rounds`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the resumed search ended before it could be interrupted"
+        if _rounds_reported(search_dir) > rounds:
+            return
+        time.sleep(1)
+    raise AssertionError("the resumed search made no progress in time")
 
 
 def _wait_for_finished_and_stopped(search_dir: Path, driver, timeout: float) -> list[str]:
