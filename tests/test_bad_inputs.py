@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from model_helpers import tiny_gpt2
+from transformers import AutoTokenizer
 
 from amid_ray import cli, cluster, evaluation, preflight, sources
 from amid_ray.config import set_dotted
@@ -51,14 +51,6 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def _gpt2(tokenizer, vocab_size: int | None = None) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=8, n_layer=1, n_head=1,
-        bos_token_id=eos, eos_token_id=eos))
-
-
 @pytest.fixture(scope="module")
 def odd_models(tiny_world, tmp_path_factory) -> dict[str, str]:
     """Model sources that cannot serve as the tiny world's teacher or student."""
@@ -66,15 +58,15 @@ def odd_models(tiny_world, tmp_path_factory) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_world["teacher"])
     bigger = AutoTokenizer.from_pretrained(tiny_world["teacher"])
     bigger.add_tokens(["<task>", "<answer>"])
-    save_model(_gpt2(bigger), bigger, root / "bigger_vocabulary")
-    save_model(_gpt2(tokenizer, vocab_size=50304), tokenizer, root / "wider_logits")
-    _gpt2(tokenizer).save_pretrained(root / "no_tokenizer")
+    save_model(tiny_gpt2(bigger), bigger, root / "bigger_vocabulary")
+    save_model(tiny_gpt2(tokenizer, vocab_size=50304), tokenizer, root / "wider_logits")
+    tiny_gpt2(tokenizer).save_pretrained(root / "no_tokenizer")
     tokenizer.save_pretrained(root / "no_weights")
-    _gpt2(tokenizer).config.save_pretrained(root / "no_weights")
-    save_model(_gpt2(tokenizer), tokenizer, root / "truncated")
+    tiny_gpt2(tokenizer).config.save_pretrained(root / "no_weights")
+    save_model(tiny_gpt2(tokenizer), tokenizer, root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    save_model(_gpt2(tokenizer), tokenizer, root / "garbage_config")
+    save_model(tiny_gpt2(tokenizer), tokenizer, root / "garbage_config")
     (root / "garbage_config" / "config.json").write_text("{this is not json")
     (root / "no_config").mkdir()
     tokenizer.save_pretrained(root / "no_config")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from model_helpers import tiny_gpt2
+from transformers import AutoTokenizer
 
 from amid_ray import preflight
 from amid_ray.config import ConfigError, RunConfig, config_from_dict, set_dotted
@@ -107,14 +108,6 @@ def test_the_whole_run_is_refused_at_its_first_bad_part(make_run, tmp_path):
 # --------------------------------------------------------------------------- models
 
 
-def _tiny_gpt2(tokenizer, vocab_size: int | None = None) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=vocab_size or len(tokenizer), n_positions=128, n_embd=8, n_layer=1, n_head=1,
-        bos_token_id=eos, eos_token_id=eos))
-
-
 @pytest.fixture(scope="module")
 def odd_models(tiny_world, tmp_path_factory) -> dict[str, str]:
     """Student folders that cannot be distilled into from the tiny world's teacher."""
@@ -124,25 +117,25 @@ def odd_models(tiny_world, tmp_path_factory) -> dict[str, str]:
 
     bigger = AutoTokenizer.from_pretrained(tiny_world["teacher"])
     bigger.add_tokens(["<task>", "<answer>"])
-    save_model(_tiny_gpt2(bigger), bigger, root / "bigger_vocabulary")
+    save_model(tiny_gpt2(bigger), bigger, root / "bigger_vocabulary")
     folders["bigger_vocabulary"] = str(root / "bigger_vocabulary")
 
-    save_model(_tiny_gpt2(tokenizer, vocab_size=50304), tokenizer, root / "wider_logits")
+    save_model(tiny_gpt2(tokenizer, vocab_size=50304), tokenizer, root / "wider_logits")
     folders["wider_logits"] = str(root / "wider_logits")
 
-    save_model(_tiny_gpt2(tokenizer, vocab_size=50000), tokenizer, root / "narrower_logits")
+    save_model(tiny_gpt2(tokenizer, vocab_size=50000), tokenizer, root / "narrower_logits")
     folders["narrower_logits"] = str(root / "narrower_logits")
 
-    _tiny_gpt2(tokenizer).save_pretrained(root / "no_tokenizer")
+    tiny_gpt2(tokenizer).save_pretrained(root / "no_tokenizer")
     folders["no_tokenizer"] = str(root / "no_tokenizer")
 
-    save_model(_tiny_gpt2(tokenizer), tokenizer, root / "truncated")
+    save_model(tiny_gpt2(tokenizer), tokenizer, root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     folders["truncated"] = str(root / "truncated")
 
     tokenizer.save_pretrained(root / "no_weights")
-    _tiny_gpt2(tokenizer).config.save_pretrained(root / "no_weights")
+    tiny_gpt2(tokenizer).config.save_pretrained(root / "no_weights")
     folders["no_weights"] = str(root / "no_weights")
     return folders
 
