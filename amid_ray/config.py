@@ -734,7 +734,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError as error:
-            raise ConfigError(source, key, text, f"not a valid YAML value: {error}") from None
+            raise ConfigError(source, key, text,
+                              f"not a valid YAML value: {_one_line(error)}") from None
         set_dotted(raw, key, value, source=source)
 
 
@@ -761,6 +762,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = read_yaml(path)
         if raw is None:
             raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(source, "(top level)", raw, "must be a mapping of sections")
         # Relative paths in the file are relative to the file, not to the current directory.
         _resolve_relative_paths(raw, path.parent)
     if overrides:
@@ -791,7 +794,17 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as error:
         raise ConfigError(str(path), "(file)", str(path), f"not UTF-8 text: {error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), "(file)", str(path), f"not valid YAML: {error}") from None
+        raise ConfigError(str(path), "(file)", str(path),
+                          f"not valid YAML: {_one_line(error)}") from None
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong and where (its own text spans several lines,
+    with the source and a caret)."""
+    mark = getattr(error, "problem_mark", None)
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    what = ", ".join(p for p in parts if p) or str(error).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else what
 
 
 _PATH_KEYS = {("models", "teacher"), ("models", "student"), ("data", "train"), ("data", "dev"),

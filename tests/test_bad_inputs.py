@@ -272,38 +272,26 @@ NAMES = [
             lambda d: d.config_file, "name = '..'"),
 ]
 
-MULTI_LINE_YAML = ("multi-line: PyYAML's marks (`in \"<unicode string>\", line …` and a caret "
-                   "line) follow the error line (config.read_yaml, config.apply_overrides)")
-TOP_LEVEL_NOT_A_MAPPING = ("internal error (AttributeError: no attribute 'get'): "
-                           "config.load_config resolves relative paths before it checks that "
-                           "the file holds a mapping")
 BLAMES_ANOTHER_PARAMETER = ("blames another parameter: the invalid point is reported as "
                             "`search.params.amid.alpha = -5.0` (the first probe), since the "
                             "other parameters' representatives are not checked first")
 
 YAML_FILES = [
-    text_file("duplicate key", "train:\n  lr: 0.001\n  lr: 0.01\n", "'lr' is given twice",
-              known=MULTI_LINE_YAML),
+    text_file("duplicate key", "train:\n  lr: 0.001\n  lr: 0.01\n", "'lr' is given twice"),
     text_file("duplicate section", "train:\n  lr: 0.001\neval:\n  every: 2\ntrain:\n"
-              "  max_steps: 3\n", "'train' is given twice", known=MULTI_LINE_YAML),
-    text_file("duplicate name", "name: a\nname: b\n", "'name' is given twice",
-              known=MULTI_LINE_YAML),
+              "  max_steps: 3\n", "'train' is given twice"),
+    text_file("duplicate name", "name: a\nname: b\n", "'name' is given twice"),
     text_file("duplicate search parameter",
               "search:\n  params:\n    amid.alpha: {type: uniform, low: 0, high: 1}\n"
-              "    amid.alpha: {type: uniform, low: 1, high: 2}\n", "'amid.alpha' is given twice",
-              known=MULTI_LINE_YAML),
-    text_file("top-level list", "- train\n- eval\n", "(top level)", "['train', 'eval']",
-              known=TOP_LEVEL_NOT_A_MAPPING),
-    text_file("top-level scalar", "hello\n", "(top level)", "'hello'",
-              known=TOP_LEVEL_NOT_A_MAPPING),
+              "    amid.alpha: {type: uniform, low: 1, high: 2}\n", "'amid.alpha' is given twice"),
+    text_file("top-level list", "- train\n- eval\n", "(top level)", "['train', 'eval']"),
+    text_file("top-level scalar", "hello\n", "(top level)", "'hello'"),
     text_file("empty file", "", "search = None"),
     text_file("only comments", "# nothing yet\n", "search = None"),
     text_file("only name", "name: drill\n", "search = None"),
     text_file("invalid UTF-8", b"name: caf\xe9\n", "not UTF-8"),
-    text_file("unclosed bracket", "train: {lr: 0.001\n", "not valid YAML", "line",
-              known=MULTI_LINE_YAML),
-    text_file("tab indentation", "train:\n\tlr: 0.001\n", "not valid YAML", "line",
-              known=MULTI_LINE_YAML),
+    text_file("unclosed bracket", "train: {lr: 0.001\n", "not valid YAML", "line"),
+    text_file("tab indentation", "train:\n\tlr: 0.001\n", "not valid YAML", "line"),
     text_file("empty file on train", "", "models.teacher", cmd="train",
               known="accepted: an empty file runs the embedded demo with every default (the "
               "demo build is a tripwire here), nothing says the file was empty"),
@@ -513,7 +501,7 @@ CLI_FLAGS = [
               lambda d, item=item: ["tune", *_with_search(d), "--set", item],
               "--set", *shown, known=known)
       for item, shown, known in [
-          ("train.lr=[1", ("train.lr = '[1'",), MULTI_LINE_YAML),
+          ("train.lr=[1", ("train.lr = '[1'",), None),
           ("train.lr", ("'train.lr'", "section.key=value"), None),
           ("=5", ("'=5'", "section.key=value"), None),
           ("train.lr.x=1", ("train.lr.x = 1", "'lr' is not a section"), None),
@@ -594,7 +582,7 @@ DAMAGED_FOLDERS = [
       for what, files, says, known in [
           ("an empty folder", {}, ("search.yaml is missing",), None),
           ("invalid search.yaml", {"search.yaml": "train: {lr: 0.001\n"},
-           ("search.yaml", "not valid YAML"), MULTI_LINE_YAML),
+           ("search.yaml", "not valid YAML"), None),
           ("a search.yaml list", {"search.yaml": "- a\n- b\n"},
            ("search.yaml", "(top level)"), None),
           ("a search.yaml of invalid UTF-8", {"search.yaml": b"name: caf\xe9\n"},
