@@ -310,9 +310,9 @@ def _chromium() -> str:
 def test_the_ui_opens_on_the_runs_of_the_search_in_a_browser(ui_server, tmp_path):
     """The runs page `runs_page_url` names, in headless Chromium: the parent with its trials
     nested under it, a trial's ROUGE-L chart and the registered model."""
+    chromium = _chromium()  # skips without playwright or a browser: import it only after
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = _chromium()
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
