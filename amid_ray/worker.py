@@ -512,6 +512,12 @@ class DistillationWorker:
 
     def train(self) -> None:
         run = self.run
+        if self.step >= run.train.max_steps and self.history:
+            # Restored at its end (its driver died between the last checkpoint and the search
+            # recording it): report the last round again, so the search sees how it ended
+            # rather than a run that reported nothing.
+            self.session.report(dict(self.history[-1]), None)
+            return
         if run.sgo.enabled and run.sgo.scheme == "adaptive" and self.step == 0:
             # Adaptive SGO's reference: the dev cross-entropy before the first step (the mixed
             # scheme reads no dev signal, so it skips this pass).

@@ -68,6 +68,14 @@ def test_a_local_run_reports_every_round_and_resumes_exactly(tiny_world, tmp_pat
     start = _weights(tmp_path / "straight" / "step-2")
     assert any(not torch.equal(start[name], after[name]) for name in after)
 
+    # Restored at its very end, a run trains nothing and reports its last round again (so a
+    # search that lost track of it learns how it ended), without a new checkpoint.
+    again = []
+    DistillationWorker(_run(tiny_world, 4),
+                       LocalSession(lambda m, folder: again.append((m, folder)),
+                                    restore_from=tmp_path / "straight" / "step-4")).train()
+    assert again == [(straight.rounds[-1], None)]
+
 
 def test_a_report_that_raises_ends_the_run(tiny_world):
     class EarlyStop(Exception):
