@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from amid_ray.training import run_training
 
     # every config error before Ray starts
-    run = load_config(args.config and config_path(args.config), args.set)
+    run = load_config(config_path(args.config or "demo"), args.set)
     _prepare_demo(run)
     preflight_run(run, address=args.address)
     if args.address:
@@ -79,7 +79,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from amid_ray.cluster import ray_session
     from amid_ray.preflight import preflight_run
 
-    run = load_config(args.config and config_path(args.config),
+    run = load_config(config_path(args.config or "demo"),
                       [*args.set, "cache.enabled=true"])
     _prepare_demo(run)
     preflight_run(run, address=args.address)

@@ -78,3 +78,12 @@ def test_an_internal_error_says_it_is_a_bug_and_where_the_traceback_is(capsys, m
     assert code == 1
     assert "internal error: RuntimeError: boom" in err and "This is a bug" in err
     assert "RuntimeError: boom" in (tmp_path / "last-error.log").read_text()
+
+
+@pytest.mark.parametrize("command", ["train", "teacher-cache"])
+def test_no_config_means_the_shipped_demo_space(capsys, command):
+    # The built-in defaults are the paper's (512 tokens), which the demo models' 256 positions
+    # cannot hold: without --config these commands must read the demo's own file.
+    code, err = run_cli(capsys, command, "--set", "train.lr=-1")
+    assert code == 2
+    assert "demo.yaml with --set: train.lr = -1.0" in err
