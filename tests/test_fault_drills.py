@@ -1,5 +1,6 @@
 """Fault drills on a real local Ray: a run whose newest checkpoint was corrupted resumes from
-the previous one (with a warning) instead of failing or starting over.
+the previous one (with a warning) instead of failing or starting over; a search whose MLflow
+server is down for a minute mid-search loses no metric and duplicates no run.
 
 (The driver SIGKILLed three times is `test_search_resume.py`; a worker killed mid-run is
 `test_train_e2e.py`.)
@@ -7,12 +8,16 @@ the previous one (with a warning) instead of failing or starting over.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from mlflow_helpers import MlflowServer, tracking_summary
 
 from amid_ray.config import config_from_dict
-from amid_ray.metrics import STEP, VAL_LOSS
+from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
+from amid_ray.search import run_search
 from amid_ray.training import run_training
 from amid_ray.worker import MODEL_DIR
 
@@ -47,3 +52,53 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tiny_world
     assert [row[STEP] for row in resumed.history] == [2, 4]
     assert [row["restored_step"] for row in resumed.history] == [0, 2]
     assert resumed.history[1][VAL_LOSS] == pytest.approx(first.history[1][VAL_LOSS], rel=1e-6)
+
+
+def _outage_after_first_round(server: MlflowServer, search_dir: Path, seconds: float,
+                              times: dict[str, float]) -> None:
+    """Stop the server once a trial has checkpointed its first round; start it again (same
+    port, same store) `seconds` later."""
+    deadline = time.monotonic() + 600
+    while not any(search_dir.glob("trials/*/checkpoint_*")):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    server.stop()
+    times["down"] = time.monotonic()
+    time.sleep(seconds)
+    server.start()
+    times["up"] = time.monotonic()
+
+
+def test_an_mlflow_outage_of_a_minute_loses_no_metric_and_duplicates_no_run(
+        tiny_world, local_ray, tmp_path, search_config):
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    run = config_from_dict(search_config(tiny_world, tmp_path / "storage", "outage",
+                                         num_samples=3, max_concurrent=1), "test")
+    times: dict[str, float] = {}
+    outage = threading.Thread(target=_outage_after_first_round, daemon=True,
+                              args=(server, tmp_path / "storage" / "outage", 60.0, times))
+    outage.start()
+    try:
+        outcome = run_search(run, tracking_uri=server.url)
+        ended = time.monotonic()
+        outage.join(timeout=120)
+        # The server was down mid-search: it went down after the first round and came back
+        # before the search ended (the driver's MLflow calls retried through the minute).
+        assert times.keys() == {"down", "up"}
+        assert times["up"] - times["down"] >= 60 and times["up"] < ended
+
+        tracked = tracking_summary(server.url, outcome.search_dir)
+        children = tracked["children"]
+        assert sorted(child["trial_id"] for child in children) == sorted(
+            record.trial_id for record in outcome.records)  # one run per trial, no duplicate
+        assert all(child["status"] == "FINISHED" for child in children)
+        histories = {record.trial_id: record.history for record in outcome.records}
+        for child in children:
+            history = histories[child["trial_id"]]
+            assert history
+            for key in (ROUGE_L, VAL_LOSS):  # every round, as the trial reported it
+                assert child["metrics"][key] == [(row[STEP], row[key]) for row in history]
+    finally:
+        server.stop()

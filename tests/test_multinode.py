@@ -7,19 +7,16 @@ resources and temp folder, plus `mlflow server` on 127.0.0.1; stops exactly thos
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 import ray
-from mlflow_helpers import tracking_summary
+from mlflow_helpers import MlflowServer, free_port, tracking_summary
 
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
 from amid_ray.config import config_from_dict
@@ -27,12 +24,6 @@ from amid_ray.search import run_search
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_ports() -> list[str]:
@@ -98,30 +89,10 @@ def two_node_cluster():
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with code {server.returncode} (port {port} taken?)")
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not answer /health within 90 s")
-    yield url
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def test_search_spreads_over_two_nodes_and_logs_to_the_server(
