@@ -18,3 +18,8 @@ class ConfigError(ValueError):
     def __reduce__(self):
         # Raised inside Ray workers, it must survive pickling back to the driver.
         return type(self), (self.source, self.key, self.value, self.allowed)
+
+
+class StorageFullError(ConfigError):
+    """The run's storage ran out of space: a fault of the environment, reported like a
+    configuration error (one line naming `resources.storage`), not as a bug."""

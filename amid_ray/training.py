@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,10 @@ from ray.train.torch import TorchTrainer
 
 from amid_ray.cache_stage import build_run_caches
 from amid_ray.config import RunConfig
+from amid_ray.errors import StorageFullError
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.sources import absolute_paths
+from amid_ray.train_snapshot import SnapshotKeeper, repair_snapshot
 from amid_ray.worker import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
 
 
@@ -26,8 +31,15 @@ def storage_root(run: RunConfig) -> str:
 
 def build_trainer(run: RunConfig, *, name: str | None = None,
                   callbacks: list[Any] | None = None) -> TorchTrainer:
-    """A TorchTrainer for `run`; the same `name` and storage resume from its checkpoints."""
+    """A TorchTrainer for `run`; the same `name` and storage resume from its checkpoints (after
+    mending Ray Train's checkpoint record if a failed write cut it: `train_snapshot`)."""
     resources = run.resources
+    name = name or run.name
+    callbacks = list(callbacks or [])
+    if "://" not in storage_root(run):
+        run_dir = Path(storage_root(run)) / name
+        repair_snapshot(run_dir)
+        callbacks.append(SnapshotKeeper(run_dir))
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         per_worker["GPU"] = resources.gpus_per_worker
@@ -40,7 +52,7 @@ def build_trainer(run: RunConfig, *, name: str | None = None,
             resources_per_worker=per_worker,
         ),
         run_config=ray.train.RunConfig(
-            name=name or run.name,
+            name=name,
             storage_path=storage_root(run),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=resources.keep_checkpoints,
@@ -107,4 +119,48 @@ def run_training(run: RunConfig) -> TrainOutcome:
     building its teacher cache if it uses one."""
     if run.cache.enabled:
         build_run_caches(run)
-    return read_outcome(build_trainer(run).fit())
+    try:
+        return read_outcome(build_trainer(run).fit())
+    except ray.train.TrainingFailedError as failure:
+        if not any(_is_disk_full(error) for error in _failure_chain(failure)):
+            raise
+        raise storage_full(run) from failure
+
+
+def storage_full(run: RunConfig) -> StorageFullError:
+    """The error for a run stopped by a full storage device, with what to do about it."""
+    root = storage_root(run)
+    free = "" if "://" in root else f" ({_free_mib(root)} MiB free)"
+    return StorageFullError(
+        run.source, "resources.storage", run.resources.storage,
+        f"no space left on the device{free}: the run stopped, and its checkpoints stay as they "
+        "are (an incomplete newest one is skipped with a warning on resume); free space and run "
+        "the same command again to resume from the last complete checkpoint")
+
+
+def _free_mib(folder: str) -> int:
+    path = Path(folder)
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free // 2**20
+
+
+def _failure_chain(failure: BaseException) -> Iterator[BaseException]:
+    """The errors behind a failed Train run: its controller's or workers' errors and their
+    causes."""
+    pending = [failure, getattr(failure, "controller_failure", None),
+               *getattr(failure, "worker_failures", {}).values()]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        pending += [error.__cause__, error.__context__]
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # pyarrow's filesystem errors carry the errno; Ray's remote errors keep only the text.
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC
+            or "No space left on device" in str(error))

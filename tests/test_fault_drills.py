@@ -1,6 +1,8 @@
 """Fault drills on a real local Ray: a run whose newest checkpoint was corrupted resumes from
 the previous one (with a warning) instead of failing or starting over; a search whose MLflow
-server is down for a minute mid-search loses no metric and duplicates no run.
+server is down for a minute mid-search loses no metric and duplicates no run; a run whose
+storage fills up stops with a one-line error and, once space is freed, resumes to the result an
+uninterrupted run reaches.
 
 (The driver SIGKILLed three times is `test_search_resume.py`; a worker killed mid-run is
 `test_train_e2e.py`.)
@@ -8,6 +10,7 @@ server is down for a minute mid-search loses no metric and duplicates no run.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,8 +19,10 @@ import pytest
 from mlflow_helpers import MlflowServer, tracking_summary
 
 from amid_ray.config import config_from_dict
+from amid_ray.errors import StorageFullError
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.search import run_search
+from amid_ray.train_snapshot import LAST_GOOD
 from amid_ray.training import run_training
 from amid_ray.worker import MODEL_DIR
 
@@ -102,3 +107,53 @@ def test_an_mlflow_outage_of_a_minute_loses_no_metric_and_duplicates_no_run(
                 assert child["metrics"][key] == [(row[STEP], row[key]) for row in history]
     finally:
         server.stop()
+
+
+def _fill_once_checkpointed(folder: Path, filler: Path) -> None:
+    """Write `filler` until the device is full, once the run's first checkpoint is complete and
+    recorded (Ray Train's record copied by `SnapshotKeeper`)."""
+    deadline = time.monotonic() + 600
+    while not (folder / "drill" / LAST_GOOD).is_file():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    with filler.open("wb") as stream:
+        try:
+            while True:
+                stream.write(bytes(1 << 16))
+                stream.flush()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def small_device(tmp_path):
+    """A 64 MiB tmpfs (needs root or CAP_SYS_ADMIN: skipped otherwise)."""
+    folder = tmp_path / "device"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_storage_stops_the_run_clearly_and_it_resumes_once_space_is_freed(
+        tiny_world, local_ray, tmp_path, small_device):
+    filler = small_device / "filler"
+    threading.Thread(target=_fill_once_checkpointed, args=(small_device, filler),
+                     daemon=True).start()
+    with pytest.raises(StorageFullError) as stopped:
+        run_training(_run(tiny_world, small_device, max_steps=8))
+    message = str(stopped.value)
+    assert f"resources.storage = {str(small_device)!r}: no space left on the device" in message
+    assert "run the same command again" in message
+
+    filler.unlink()
+    resumed = run_training(_run(tiny_world, small_device, max_steps=8))
+    uninterrupted = run_training(_run(tiny_world, tmp_path / "roomy", max_steps=8))
+    assert [row[STEP] for row in resumed.history] == [2, 4, 6, 8]
+    assert resumed.history[-1]["restored_step"] > 0  # resumed, not started afresh
+    for got, want in zip(resumed.history, uninterrupted.history, strict=True):
+        assert got[VAL_LOSS] == pytest.approx(want[VAL_LOSS], rel=1e-6)
