@@ -1,4 +1,5 @@
-"""A search against a real 2-node Ray cluster on this machine, logging to a real MLflow server.
+"""A real 2-node Ray cluster on this machine: a search over both nodes logging to a real MLflow
+server, and a run whose node is killed mid-run finishing on the other node.
 
 Starts `ray start --head` (127.0.0.1) and a second `ray start --address …` with its own CPUs,
 resources and temp folder, plus `mlflow server` on 127.0.0.1; stops exactly those processes.
@@ -10,6 +11,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +20,13 @@ import psutil
 import pytest
 import ray
 from mlflow_helpers import MlflowServer, free_port, tracking_summary
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
 from amid_ray.config import config_from_dict
+from amid_ray.metrics import STEP, VAL_LOSS
 from amid_ray.search import run_search
+from amid_ray.training import run_training
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -138,3 +144,61 @@ def _history(search_dir: Path, trial_id: str) -> list[dict]:
     from amid_ray.training import read_outcome
 
     return read_outcome(ray.train.Result.from_path(str(search_dir / "trials" / trial_id))).history
+
+
+def _drill_run(world, storage: Path):
+    return config_from_dict({
+        "name": "node-drill",
+        "models": {"teacher": world["teacher"], "student": world["student"]},
+        "data": {"train": world["train"], "dev": world["dev"], "max_length": 64,
+                 "max_prompt_length": 48},
+        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 8, "seed": 4},
+        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(storage),
+                      "keep_checkpoints": 2, "max_failures": 2},
+    }, "test")
+
+
+def test_a_run_whose_node_dies_finishes_on_the_other_node_from_its_last_checkpoint(
+        tiny_world, two_node_cluster, tmp_path):
+    address, root = two_node_cluster
+    ray.init(address=address)
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(
+        TRIAL_DRIVER_RESOURCE))
+    class Blocker:  # defined here: pickled by value, so workers need not import this file
+        def ready(self) -> bool:
+            return True
+
+    # The head's one CPU is held, so the run's worker starts on the second node.
+    blocker = ray.remote(num_cpus=1)(Blocker).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(blocker.ready.remote())
+    storage = tmp_path / "shared-storage"
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        run=run_training(_drill_run(tiny_world, storage))), daemon=True)
+    runner.start()
+
+    deadline = time.monotonic() + 300
+    while not any((storage / "node-drill").glob("checkpoint_*/history.json")):
+        assert runner.is_alive() and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.1)
+    ray.kill(blocker)  # room on the head for the restarted worker
+    second = [p for p in psutil.process_iter(["cmdline"])
+              if any(f"{root}/second" in part for part in (p.info["cmdline"] or []))]
+    assert second
+    for process in second:  # the node dies at once: no clean shutdown
+        process.kill()
+    runner.join(timeout=600)
+    assert "run" in outcome, "the run did not finish after its node died"
+
+    history = outcome["run"].history
+    assert [row[STEP] for row in history] == [2, 4, 6, 8]
+    nodes = [row["node_id"] for row in history]
+    assert nodes[0] != head and nodes[-1] == head  # began on the second node, ended on the head
+    moved = nodes.index(head)
+    assert history[moved]["restored_step"] == history[moved - 1][STEP]  # from its checkpoint
+    # Nothing lost or changed by the move: the rounds equal an uninterrupted run's.
+    uninterrupted = run_training(_drill_run(tiny_world, tmp_path / "uninterrupted"))
+    for got, want in zip(history, uninterrupted.history, strict=True):
+        assert got[VAL_LOSS] == pytest.approx(want[VAL_LOSS], rel=1e-6)
