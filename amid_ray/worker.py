@@ -67,10 +67,13 @@ from amid_ray.sgo import (
     generate_student_batch,
 )
 from amid_ray.sources import load_models, load_student, load_train_dev, teacher_source
+from amid_ray.state_file import load_state, save_state
 from amid_ray.teacher_cache import TeacherCache
 from amid_ray.train_session import RayTrainSession, TrainSession
 
-TRAINER_STATE = "trainer_state.pt"
+#: The trainer state of a checkpoint: `trainer_state.json` + `trainer_state.safetensors`
+#: (`state_file`: no pickle, so a checkpoint on shared storage cannot run code when loaded).
+TRAINER_STATE = "trainer_state"
 MODEL_DIR = "model"
 #: The run's metric history up to a checkpoint, readable without loading optimizer state.
 HISTORY_FILE = "history.json"
@@ -332,7 +335,7 @@ def dev_rouge_l(
 
 
 def _rng_state() -> dict[str, Any]:
-    # Plain lists and tensors only, so the trainer state loads with torch.load(weights_only=True).
+    # Plain lists and tensors only, as a state file holds (`state_file`).
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
             "torch": torch.get_rng_state()}
@@ -364,13 +367,13 @@ class TrainerState:
 
     def save(self, folder: Path, student, tokenizer, dev_scores: list[float]) -> None:
         save_model(student, tokenizer, folder / MODEL_DIR)
-        torch.save(vars(self), folder / TRAINER_STATE)
+        save_state(vars(self), folder / TRAINER_STATE)
         (folder / HISTORY_FILE).write_text(json.dumps(self.history))
         (folder / DEV_SCORES_FILE).write_text(json.dumps({ROUGE_L: dev_scores}))
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
-        return cls(**torch.load(folder / TRAINER_STATE, weights_only=True))
+        return cls(**load_state(folder / TRAINER_STATE))
 
 
 def load_checkpoint(folder: Path, student_class, *, log=None) -> tuple[Any, TrainerState]:

@@ -51,7 +51,7 @@ def test_a_local_run_reports_every_round_and_resumes_exactly(tiny_world, tmp_pat
     for metrics in straight.rounds:
         assert metrics["node_id"] == "local" and metrics["restored_step"] == 0
         assert 0.0 <= metrics[ROUGE_L] <= 100.0 and metrics[VAL_LOSS] > 0
-    assert (tmp_path / "straight" / "step-2" / TRAINER_STATE).is_file()
+    assert (tmp_path / "straight" / "step-2" / f"{TRAINER_STATE}.json").is_file()
 
     resumed = Recorder(tmp_path / "resumed")
     DistillationWorker(_run(tiny_world, 4),

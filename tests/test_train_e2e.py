@@ -16,7 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from amid_ray.config import config_from_dict
+from amid_ray.state_file import load_state
 from amid_ray.training import run_training
+from amid_ray.worker import TRAINER_STATE
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +74,8 @@ def test_two_worker_run_reports_rounds_and_keeps_best_checkpoint(tiny_world, loc
     assert any(Path(outcome.best_checkpoint).glob("*.safetensors"))
     assert (Path(outcome.best_checkpoint) / "tokenizer_config.json").exists()
     # Each worker generated answers and kept them in its replay buffer (checkpointed per rank).
-    states = [torch.load(path, weights_only=False)
-              for path in Path(outcome.result_dir).glob("*/trainer_state.pt")]
+    states = [load_state(path.with_suffix(""))
+              for path in Path(outcome.result_dir).glob(f"*/{TRAINER_STATE}.json")]
     last = max(states, key=lambda state: state["step"])
     assert last["step"] == 6
     assert [len(buffer["items"]) > 0 for buffer in last["replay"]] == [True, True]
