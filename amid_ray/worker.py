@@ -36,7 +36,6 @@ from amid_ray.data import (
     IGNORE_INDEX,
     InstructionExample,
     TrainingCollator,
-    encode_example,
     response_mask,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
@@ -68,7 +67,7 @@ from amid_ray.sgo import (
 )
 from amid_ray.sources import load_models, load_student, load_train_dev, teacher_source
 from amid_ray.state_file import load_state, save_state
-from amid_ray.teacher_cache import TeacherCache
+from amid_ray.teacher_cache import Encoded, TeacherCache
 from amid_ray.train_session import RayTrainSession, TrainSession
 
 #: The trainer state of a checkpoint: `trainer_state.json` + `trainer_state.safetensors`
@@ -256,7 +255,7 @@ def dev_losses(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
     tokenizer,
-    dev_examples: list[InstructionExample],
+    encoded_dev: list[Encoded],
     run: RunConfig,
     objective: Objective,
     *,
@@ -268,9 +267,10 @@ def dev_losses(
 ) -> dict[str, float]:
     """Token means over this round's dev items (split across workers) of the AMiD loss
     (`val_loss`) and of the student's next-token cross-entropy on the reference answers
-    (`dev_ce`, what adaptive SGO watches). With `cache` (the dev set's teacher cache) the
-    teacher is read from it instead of run."""
-    mine = list(range(min(run.eval.num_examples, len(dev_examples))))[rank::world_size]
+    (`dev_ce`, what adaptive SGO watches). `encoded_dev` is the dev set as `encode_all` gives
+    it (encoded once per run). With `cache` (the dev set's teacher cache) the teacher is read
+    from it instead of run."""
+    mine = list(range(min(run.eval.num_examples, len(encoded_dev))))[rank::world_size]
     collate = TrainingCollator(tokenizer.pad_token_id)
     distil_sum, ce_sum, tokens = 0.0, 0.0, 0.0
     was_training = student.training
@@ -278,12 +278,7 @@ def dev_losses(
     with torch.no_grad():
         for start in range(0, len(mine), run.train.batch_size):
             indices = mine[start : start + run.train.batch_size]
-            encoded = [
-                encode_example(tokenizer, dev_examples[i], max_length=run.data.max_length,
-                               max_prompt_length=run.data.max_prompt_length)
-                for i in indices
-            ]
-            batch = {k: v.to(device) for k, v in collate(encoded).items()}
+            batch = {k: v.to(device) for k, v in collate([encoded_dev[i] for i in indices]).items()}
             taught = teacher if cache is None else cache.batch_teacher(
                 indices, response_mask(batch["labels"])[0])
             losses = distillation_losses(student, taught, batch, objective,
@@ -446,6 +441,7 @@ class DistillationWorker:
 
         self.train_examples, self.dev_examples = load_train_dev(run.data, seed)
         self.encoded_train = encode_all(run, self.tokenizer, self.train_examples)
+        self.encoded_dev = encode_all(run, self.tokenizer, self.dev_examples)
         self.caches = self._open_caches(student) if run.cache.enabled else None
         self.collate = TrainingCollator(self.tokenizer.pad_token_id)
         self.lm_blocks = corpus_blocks(run, self.tokenizer, self.world_size)
@@ -485,8 +481,7 @@ class DistillationWorker:
     def _open_caches(self, student: torch.nn.Module) -> dict[str, TeacherCache]:
         """The run's train and dev teacher caches, checked against what this worker encodes
         (the cache stage built them before the run started)."""
-        encoded = {"train": self.encoded_train,
-                   "dev": encode_all(self.run, self.tokenizer, self.dev_examples)}
+        encoded = {"train": self.encoded_train, "dev": self.encoded_dev}
         plan = plan_caches(self.run, teacher_source(self.run.models), self.tokenizer, encoded,
                            vocab_size=int(student.config.vocab_size))
         # The stage read every shard when it finished; here a cheaper check of each file.
@@ -633,7 +628,7 @@ class DistillationWorker:
     # -- evaluation and reports --------------------------------------------------------------
 
     def _dev_losses(self) -> dict[str, float]:
-        return dev_losses(self.student, self.teacher, self.tokenizer, self.dev_examples,
+        return dev_losses(self.student, self.teacher, self.tokenizer, self.encoded_dev,
                           self.run, self.objective, rank=self.rank, world_size=self.world_size,
                           device=self.device, autocast_dtype=self.autocast_dtype,
                           cache=None if self.caches is None else self.caches["dev"])

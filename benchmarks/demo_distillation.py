@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from amid_ray import cluster
+from amid_ray.cache_plan import encode_all
 from amid_ray.config import load_config
 from amid_ray.data import load_examples
 from amid_ray.evaluation import GenerationSettings, evaluate
@@ -38,8 +39,9 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 def measure(model, teacher, tokenizer, dev, test, run) -> dict[str, float]:
     """Dev AMiD loss / ROUGE-L (as an evaluation round computes them) and test-split scores."""
     model.eval()
-    dev_loss = dev_losses(model, teacher, tokenizer, dev, run, Objective.of(run), rank=0,
-                          world_size=1, device=torch.device("cpu"), autocast_dtype=None)
+    dev_loss = dev_losses(model, teacher, tokenizer, encode_all(run, tokenizer, dev), run,
+                          Objective.of(run), rank=0, world_size=1, device=torch.device("cpu"),
+                          autocast_dtype=None)
     dev_scores = dev_rouge_l(model, tokenizer, dev, run, rank=0)
     settings = GenerationSettings(max_new_tokens=run.eval.max_new_tokens,
                                   max_prompt_length=run.data.max_prompt_length,

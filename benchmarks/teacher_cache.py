@@ -244,8 +244,9 @@ def time_evaluation_round(run: RunConfig, student, teacher, tokenizer, dev_examp
     """One evaluation round as the worker runs it: dev losses (live teacher), ROUGE-L of
     generated dev answers, and the checkpoint."""
     began = time.perf_counter()
-    dev_losses(student, teacher, tokenizer, dev_examples, run, timer.objective, rank=0,
-               world_size=1, device=torch.device("cpu"), autocast_dtype=None)
+    dev_losses(student, teacher, tokenizer, encode_all(run, tokenizer, dev_examples), run,
+               timer.objective, rank=0, world_size=1, device=torch.device("cpu"),
+               autocast_dtype=None)
     scores = dev_rouge_l(student, tokenizer, dev_examples, run, rank=0)
     state = TrainerState(step=0, history=[], optimizer=timer.optimizer.state_dict(),
                          sgo_scheduler=[{}], replay=[{}], taid=None, rng=[{}])
