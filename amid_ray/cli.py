@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from amid_ray.training import run_training
 
     # every config error before Ray starts
-    run = load_config(config_path(args.config or "demo"), args.set)
+    run = load_config(config_path(args.config or "demo"), args.set, needs="models.teacher")
     _prepare_demo(run)
     preflight_run(run, address=args.address)
     if args.address:
@@ -80,7 +80,7 @@ def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from amid_ray.preflight import preflight_run
 
     run = load_config(config_path(args.config or "demo"),
-                      [*args.set, "cache.enabled=true"])
+                      [*args.set, "cache.enabled=true"], needs="models.teacher")
     _prepare_demo(run)
     preflight_run(run, address=args.address)
     with _local_ray_lock(run, args.address), ray_session(args.address or run.resources.address):
@@ -140,7 +140,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         overrides.append(f"resources.storage={args.storage!r}")
     if args.num_samples is not None:
         overrides.append(f"search.num_samples={args.num_samples}")
-    run = load_config(config_path(args.config or "demo"), overrides)
+    run = load_config(config_path(args.config or "demo"), overrides, needs="search")
     search_spec(run)  # every search-space error before Ray starts
     _prepare_demo(run)
     preflight_run(run, address=args.address, tracking_uri=args.tracking_uri,
@@ -191,6 +191,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
+    from amid_ray.preflight import check_tracking_uri, redact_uri
     from amid_ray.search import TRACKING_URI_FILE, load_tracking_uri
 
     search_dir = Path(args.search_dir or ".").expanduser().resolve()
@@ -199,15 +200,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"amid-ray ui: error: {search_dir} is not a search folder (no {TRACKING_URI_FILE})",
               file=sys.stderr)
         return 2
-    if uri.startswith("http"):
-        from amid_ray.preflight import redact_uri
-
+    if uri.startswith(("http://", "https://")):
         print(f"this search logs to a tracking server: open {redact_uri(uri)}")
         return 0
     if args.host not in LOOPBACK_HOSTS and not args.insecure:
         raise UsageError(f"--host {args.host} would serve MLflow without authentication beyond "
                          "this machine; use an SSH tunnel or port-forward to 127.0.0.1, or pass "
                          "--insecure if the network is trusted")
+    check_tracking_uri(uri, source=str(search_dir / TRACKING_URI_FILE), key="tracking_uri",
+                       existing=True)
     from amid_ray.mlflow_runs import read_experiment_id, runs_page_url
 
     url = f"http://{args.host}:{args.port}"
@@ -227,10 +228,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from amid_ray.data import load_examples
     from amid_ray.evaluation import PAPER_SEEDS, GenerationSettings, evaluate
     from amid_ray.models import load_causal_lm
-    from amid_ray.sources import eval_data_path, eval_model_path
+    from amid_ray.preflight import check_eval_model, read_eval_sets
 
     # Flags left out keep the protocol's values (the parser does not import the evaluation).
     if args.json:
@@ -240,12 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = GenerationSettings(**given)
     if args.greedy:
         settings = settings.as_greedy()
-    eval_sets = {}
-    for source in args.data:
-        path = eval_data_path(source)
-        eval_sets[source if path != source else Path(path).stem] = load_examples(
-            path, limit=args.max_examples)
-    model_path = eval_model_path(args.model)
+    eval_sets = read_eval_sets(args.data, limit=args.max_examples)
+    model_path = check_eval_model(args.model)  # every input error before the weights load
     print(f"model: {model_path}", file=sys.stderr)
     begin = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
@@ -361,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-assets", help="build (or show) the embedded demo's data "
                                "and models")
     demo.set_defaults(handler=cmd_demo)
+    for command in commands.choices.values():  # what main reports unknown arguments with
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -426,7 +424,9 @@ ERROR_LOG = Path(tempfile.gettempdir()) / "amid-ray-last-error.log"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's parser: `amid-ray tune: error: …` and its usage
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except USER_ERRORS as error:

@@ -248,6 +248,12 @@ class DataConfig:
                        f"must be below max_length ({self.max_length}) to leave room for a response")
 
 
+#: Most optimizer steps a run may take. Far beyond any distillation run (the paper's GPT-2 runs
+#: take 8,740 steps, LLM pretraining about 10^6), yet finite: MLflow stores steps as 64-bit
+#: integers (about 9.2·10^18), and a typo such as 1e25 is caught here instead of in a worker.
+MAX_STEPS = 10**9
+
+
 @dataclass
 class TrainConfig:
     lr: float = _help("peak learning rate (AdamW)", 5e-4)
@@ -277,6 +283,7 @@ class TrainConfig:
             where.fail("min_lr", self.min_lr, f"must not exceed lr ({self.lr})")
         where.at_least("weight_decay", self.weight_decay, 0.0)
         where.at_least("max_steps", self.max_steps, 1)
+        where.at_most("max_steps", self.max_steps, MAX_STEPS)
         where.at_least("batch_size", self.batch_size, 1)
         where.at_least("grad_accum", self.grad_accum, 1)
         where.at_least("warmup_steps", self.warmup_steps, 0)
@@ -411,6 +418,13 @@ class ResourcesConfig:
     keep_checkpoints: int = _help("checkpoints kept per run (best by ROUGE-L)", 2)
 
     def check(self, where: _Where) -> None:
+        # An empty text would silently mean the current folder (storage) or no cluster (address).
+        if not self.storage.strip():
+            where.fail("storage", self.storage, "must name a folder or URI (e.g. amid_runs, "
+                       "/mnt/shared/runs); '.' for the current folder")
+        if self.address is not None and not self.address.strip():
+            where.fail("address", self.address, "must be host:port, ray://host:port or auto; "
+                       "null (or no address) starts a local Ray")
         where.at_least("num_workers", self.num_workers, 1)
         where.positive("cpus_per_worker", self.cpus_per_worker)
         where.at_least("gpus_per_worker", self.gpus_per_worker, 0.0)
@@ -442,6 +456,9 @@ class CacheConfig:
     def check(self, where: _Where) -> None:
         where.at_least("top_k", self.top_k, 1)
         where.one_of("dtype", self.dtype, CACHE_DTYPES)
+        if self.dir is not None and not self.dir.strip():
+            where.fail("dir", self.dir, "must name a folder (null: "
+                       "<resources.storage>/teacher-cache)")
         if self.dir is not None and not is_local_path(self.dir):
             where.fail("dir", self.dir, "a local or mounted folder (not a name or URI)")
 
@@ -511,6 +528,10 @@ class _Where:
     def at_least(self, key: str, value: float, low: float) -> None:
         if value < low:
             self.fail(key, value, f"must be >= {low}")
+
+    def at_most(self, key: str, value: float, high: float) -> None:
+        if value > high:
+            self.fail(key, value, f"must be <= {high}")
 
     def positive(self, key: str, value: float) -> None:
         if not value > 0:
@@ -598,7 +619,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "defaults") -> RunConfig
     """Validate a raw mapping (as read from YAML) into a RunConfig."""
     if not isinstance(raw, dict):
         raise ConfigError(source, "(top level)", raw, "must be a mapping of sections")
-    top = [f.name for f in dataclasses.fields(RunConfig) if f.name != "source"]
+    top = [f.name for f in dataclasses.fields(RunConfig) if not f.metadata.get("internal")]
     for key in raw:
         if key not in top:
             close = difflib.get_close_matches(str(key), top, n=1)
@@ -749,9 +770,15 @@ def point_config(base: dict[str, Any], point: dict[str, Any], source: str) -> Ru
     return config_from_dict(raw, source)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                needs: str | None = None) -> RunConfig:
     """Read a YAML run configuration or search-space file (None: defaults), apply `--set`
-    overrides, and validate everything."""
+    overrides, and validate everything.
+
+    `needs`: the key a command cannot do without (`models.teacher` for a run, `search` for a
+    search); a file that is empty or holds only comments is refused under it, since it would
+    silently stand for the built-in defaults. None: such a file means the defaults.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -760,6 +787,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(source, "(file)", str(path), "no such configuration file")
         raw = read_yaml(path)
+        if raw is None and needs is not None:
+            raise ConfigError(source, needs, None,
+                              f"the file is empty (or holds only comments), so it gives no "
+                              f"{needs}; fill it in (search_spaces/demo.yaml is an example)")
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

@@ -128,8 +128,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
+    # Bytes, decoded line by line: an undecodable byte is reported on its own line.
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(path.name, f"line {number}", None,
+                                _not_utf8(error, line)) from None
             if not text.strip():
                 continue
             try:
@@ -142,7 +148,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """Walk a top-level JSON list item by item so each row keeps the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    content = path.read_bytes()
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise DataError(path.name, f"line {line}", None, _not_utf8(error, content)) from None
     decoder = json.JSONDecoder()
 
     def line_at(offset: int) -> str:
@@ -174,6 +185,12 @@ def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
             return
         else:
             raise DataError(path.name, line_at(position), None, "malformed JSON (expected , or ])")
+
+
+def _not_utf8(error: UnicodeDecodeError, data: bytes) -> str:
+    """What is wrong with an undecodable byte of `data`, for a DataError."""
+    return (f"not UTF-8 text (byte 0x{data[error.start]:02x}: {error.reason}); save the file "
+            "as UTF-8")
 
 
 def _dataset_rows(folder: Path) -> Iterator[tuple[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import importlib.metadata
 import os
 import re
 import socket
@@ -21,26 +22,34 @@ import ssl
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from amid_ray.config import ConfigError, ResourcesConfig, RunConfig
-from amid_ray.data import DataError, load_examples
+from amid_ray.data import DataError, InstructionExample, load_examples
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.models import (
     ModelError,
     check_same_tokenizer,
     load_tokenizer,
+    model_location,
     pretrained_location,
     validate_keep_layers,
 )
-from amid_ray.sources import cache_dir, data_path, load_train_dev, model_path
+from amid_ray.sources import (
+    cache_dir,
+    data_path,
+    eval_data_path,
+    eval_model_path,
+    load_train_dev,
+    model_path,
+)
 
 #: Files of which a model folder must hold one to have a tokenizer (without any, transformers
 #: builds a tokenizer with a single token and training runs on garbage).
@@ -57,6 +66,13 @@ HTTP_TIMEOUT_S = 5.0
 COMMAND_LINE, ENVIRONMENT = "command line", "environment"
 #: Port of `ray://` addresses that give none (the Ray client server's default).
 RAY_CLIENT_PORT = 10001
+#: Schemes of the tracking stores MLflow itself provides ("": a folder, as `file:`).
+MLFLOW_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql",
+                  "databricks", "databricks-uc", "uc")
+#: What a tracking URI may be, for error messages.
+TRACKING_URI_FORMS = ("expected an MLflow tracking URI: http(s)://host:port (a tracking server), "
+                      "sqlite:////path/mlflow.db, postgresql://, mysql:// or mssql:// (a "
+                      "database), file:///path or a folder, databricks")
 #: Default ports of the SQL databases MLflow can track to.
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 #: Query parameters whose values are secrets (tokens, keys, signatures of signed URLs).
@@ -97,7 +113,7 @@ def ray_address(run: RunConfig, address: str | None) -> tuple[str | None, str, s
     The flag wins over `resources.address`, which wins over $RAY_ADDRESS (`cluster.connect`'s
     order); None means a local Ray started by this process.
     """
-    if address:
+    if address is not None:  # an empty flag is refused by check_ray_address, not ignored
         return address, COMMAND_LINE, "--address"
     if run.resources.address:
         return run.resources.address, run.source, "resources.address"
@@ -132,6 +148,22 @@ def read_model(source: str, *, role: str, config_source: str) -> ModelFacts:
 
     try:
         location = Path(model_path(source, role))
+    except ModelError as error:
+        raise refuse(str(error)) from None
+    config, tokenizer = _read_pretrained(location, refuse)
+    text = config.get_text_config()
+    positions = getattr(text, "n_positions", None) or getattr(
+        text, "max_position_embeddings", None)
+    return ModelFacts(key=key, source=source, location=str(location), tokenizer=tokenizer,
+                      logits=int(text.vocab_size), positions=positions,
+                      layers=getattr(text, "num_hidden_layers", None))
+
+
+def _read_pretrained(location: Path, refuse: Callable[[str], ConfigError]
+                     ) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """Config and tokenizer of the model folder or .gguf file at `location`; `refuse(what is
+    allowed)` makes the error when it lacks a tokenizer or weights or cannot be read."""
+    try:
         folder, extra = pretrained_location(location)
     except ModelError as error:
         raise refuse(str(error)) from None
@@ -144,12 +176,7 @@ def read_model(source: str, *, role: str, config_source: str) -> ModelFacts:
         raise refuse(str(error)) from None
     except Exception as error:  # whatever transformers raises for a damaged folder or file
         raise refuse(f"cannot be read as a model ({type(error).__name__}: {error})") from None
-    text = config.get_text_config()
-    positions = getattr(text, "n_positions", None) or getattr(
-        text, "max_position_embeddings", None)
-    return ModelFacts(key=key, source=source, location=str(location), tokenizer=tokenizer,
-                      logits=int(text.vocab_size), positions=positions,
-                      layers=getattr(text, "num_hidden_layers", None))
+    return config, tokenizer
 
 
 def _check_model_files(folder: Path, refuse) -> None:
@@ -279,6 +306,10 @@ def _check_lm_corpus(run: RunConfig, tokenizer: PreTrainedTokenizerBase, need: i
         blocks = len(load_lm_blocks(corpus, tokenizer, length, max_blocks=need))
     except DataError as error:
         blocks, problem = 0, str(error)
+    except UnicodeDecodeError as error:  # a .txt corpus is decoded as it is read
+        raise ConfigError(run.source, "data.lm_corpus", corpus,
+                          f"cannot be read: not UTF-8 text ({error.reason}); save it as "
+                          "UTF-8") from None
     else:
         problem = f"fills {blocks} blocks of data.max_length = {length} tokens"
     if blocks < need:
@@ -332,14 +363,30 @@ def check_writable_folder(folder: Path, *, source: str, key: str, value: str) ->
 # --------------------------------------------------------------------------- tracking
 
 
-def check_tracking_uri(uri: str, *, source: str, key: str) -> None:
+def tracking_schemes() -> set[str]:
+    """URI schemes MLflow can track to here: its own (`MLFLOW_SCHEMES`) and those of installed
+    tracking-store plugins (entry points `mlflow.tracking_store`)."""
+    plugins = importlib.metadata.entry_points(group="mlflow.tracking_store")
+    return set(MLFLOW_SCHEMES) | {plugin.name for plugin in plugins}
+
+
+def check_tracking_uri(uri: str, *, source: str, key: str, existing: bool = False) -> None:
     """The MLflow tracking store answers: a server's `/health` within a few seconds, a database
-    server's port, a `sqlite:` file's folder or a `file:` / plain folder writable. Other schemes
-    (e.g. `databricks`) are left to MLflow."""
+    server's port, a `sqlite:` file's folder or a `file:` / plain folder writable. Empty URIs and
+    schemes MLflow has no store for are refused; `databricks` and plugins' schemes are left to
+    MLflow. `existing`: the store is to be read (`amid-ray ui`), so a `sqlite:` file or a folder
+    must exist already."""
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+")[0]
     shown = redact_uri(uri)
-    if uri.startswith("databricks"):
+    if not uri.strip():
+        raise ConfigError(source, key, uri, f"is empty; {TRACKING_URI_FORMS}")
+    if uri.startswith("databricks"):  # `databricks`, `databricks://profile`, `databricks-uc`
+        return
+    if scheme not in tracking_schemes():
+        raise ConfigError(source, key, shown, f"MLflow has no tracking store for the scheme "
+                          f"{scheme!r}; {TRACKING_URI_FORMS}")
+    if scheme == "uc" or scheme not in MLFLOW_SCHEMES:  # Unity Catalog, or a plugin's store
         return
     if scheme in ("http", "https"):
         _check_tracking_server(uri, source=source, key=key)
@@ -350,9 +397,16 @@ def check_tracking_uri(uri: str, *, source: str, key: str) -> None:
         database = Path(path).expanduser()
         if database.is_dir():
             raise ConfigError(source, key, shown, f"{database} is a folder; give a database file")
+        if existing and not database.is_file():
+            raise ConfigError(source, key, shown, f"{database} does not exist: nothing was "
+                              "logged there")
         check_writable_folder(database.parent, source=source, key=key, value=shown)
-    elif scheme == "file" or (not parts.scheme and uri):
+    elif scheme in ("file", ""):
         folder = Path(parts.path if scheme == "file" else uri).expanduser()
+        if existing and not folder.is_dir():
+            raise ConfigError(source, key, shown, f"read as a folder of MLflow runs, but "
+                              f"{folder.resolve()} is not one: nothing was logged there; "
+                              f"{TRACKING_URI_FORMS}")
         check_writable_folder(folder, source=source, key=key, value=shown)
     elif scheme in DATABASE_PORTS:
         port = parts.port or DATABASE_PORTS[scheme]
@@ -445,6 +499,9 @@ def check_ray_address(address: str, *, source: str, key: str,
     if address in ("auto", "local"):
         return
     allowed = "expected host:port (the head's GCS), ray://host:port (Ray client) or auto"
+    if not address.strip():
+        raise ConfigError(source, key, address, f"is empty; {allowed} (no address: a local "
+                          "Ray)")
     scheme, has_scheme, rest = address.partition("://")
     if has_scheme and scheme != "ray":
         raise ConfigError(source, key, address, allowed)
@@ -498,6 +555,51 @@ def check_local_resources(resources: ResourcesConfig, source: str) -> None:
                               f"× resources.num_workers = {resources.num_workers} needs "
                               f"{wanted:g} GPUs, but this machine has {gpus} for a local Ray: "
                               "set gpus_per_worker to 0 for CPUs, or use a cluster (--address)")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def check_eval_model(value: str) -> Path:
+    """Where the model of `amid-ray eval --model value` is (a folder or .gguf file; a name of
+    `sources.EVAL_MODELS` or a Hub id resolved), after reading its tokenizer and config: refused
+    with a ConfigError naming --model when it lacks a tokenizer or weights or cannot be read."""
+
+    def refuse(allowed: str) -> ConfigError:
+        return ConfigError(COMMAND_LINE, "--model", value, allowed)
+
+    try:
+        location = model_location(eval_model_path(value))
+    except ModelError as error:
+        raise refuse(str(error)) from None
+    _read_pretrained(location, refuse)
+    return location
+
+
+def read_eval_sets(values: Sequence[str], *, limit: int | None = None
+                   ) -> dict[str, list[InstructionExample]]:
+    """The eval sets of `amid-ray eval --data values`, by the name the report gives them (a
+    file's stem, or the name of a demo split such as `demo-dev`), each its first `limit` rows;
+    a source that cannot be read, holds no rows or shares its name with another is refused
+    with a ConfigError naming --data."""
+    sets: dict[str, list[InstructionExample]] = {}
+    given: dict[str, str] = {}
+    for value in values:
+        path = eval_data_path(value)
+        name = value if path != value else Path(path).stem
+        if name in sets:
+            raise ConfigError(COMMAND_LINE, "--data", value,
+                              f"the report would call it {name!r}, as it calls {given[name]!r}: "
+                              "give each eval set once, under a file name of its own")
+        try:
+            examples = load_examples(path, limit=limit)
+        except DataError as error:
+            raise ConfigError(COMMAND_LINE, "--data", value, f"cannot be read: {error}") from None
+        if not examples:
+            raise ConfigError(COMMAND_LINE, "--data", value,
+                              "has no rows; an eval set needs at least one")
+        sets[name], given[name] = examples, value
+    return sets
 
 
 # --------------------------------------------------------------------------- one local Ray

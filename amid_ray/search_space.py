@@ -330,10 +330,28 @@ def _check_against_run(spec: SearchSpec, base: Mapping[str, Any], check_point: P
     _check_degenerate(spec, base, fail)
     # Each value at the edge of the space, with the other parameters at a value inside it.
     inside = {p.key: _representative(p) for p in spec.params}
+    try:
+        check_point(inside)
+    except ConfigError as error:
+        _blame_one_parameter(spec, check_point, fail)
+        fail("params", inside, f"these values, one inside each parameter's range, do not make "
+             f"a valid run together: {error}")
     for param in spec.params:
         for probe in _probes(param):
             try:
                 check_point(inside | {param.key: probe})
+            except ConfigError as error:
+                fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
+
+
+def _blame_one_parameter(spec: SearchSpec, check_point: PointCheck, fail) -> None:
+    """When the space's inner point is invalid, refuse the first parameter with a value that is
+    invalid on its own (the others at their base values), naming that value: the probes around
+    the inner point would blame whichever parameter they vary first."""
+    for param in spec.params:
+        for probe in (*_probes(param), _representative(param)):
+            try:
+                check_point({param.key: probe})
             except ConfigError as error:
                 fail(f"params.{param.key}", probe, f"does not make a valid run: {error}")
 

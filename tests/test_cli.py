@@ -87,3 +87,65 @@ def test_no_config_means_the_shipped_demo_space(capsys, command):
     code, err = run_cli(capsys, command, "--set", "train.lr=-1")
     assert code == 2
     assert "demo.yaml with --set: train.lr = -1.0" in err
+
+
+def test_an_unknown_flag_is_reported_by_its_command(capsys):
+    code, err = run_cli(capsys, "tune", "--lr", "1e-3")
+    assert code == 2
+    assert err.startswith("usage: amid-ray tune ")
+    assert err.strip().splitlines()[-1] == "amid-ray tune: error: unrecognized arguments: --lr 1e-3"
+
+
+@pytest.mark.parametrize("command", ["train", "teacher-cache", "tune"])
+def test_an_empty_config_file_is_refused_not_taken_for_the_defaults(capsys, monkeypatch, tmp_path,
+                                                                    command):
+    from amid_ray import sources
+
+    def no_demo(*args, **kwargs):
+        raise AssertionError("the demo was built for an empty file")
+
+    monkeypatch.setattr(sources, "demo_assets", no_demo)
+    empty = tmp_path / "run.yaml"
+    empty.write_text("# to do\n")
+    code, err = run_cli(capsys, command, "--config", str(empty))
+    needs = "search" if command == "tune" else "models.teacher"
+    assert code == 2
+    assert err == (f"amid-ray {command}: error: {empty}: {needs} = None: the file is empty (or "
+                   f"holds only comments), so it gives no {needs}; fill it in "
+                   "(search_spaces/demo.yaml is an example)\n")
+
+
+@pytest.fixture
+def mlflow_server(monkeypatch):
+    """The commands `amid-ray ui` would start, recorded instead of run."""
+    import subprocess
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: started.append(command) or 0)
+    return started
+
+
+@pytest.mark.parametrize(("stored", "problem"), [
+    ("", "tracking_uri = '': is empty"),
+    ("::garbage::", "tracking_uri = '::garbage::': read as a folder of MLflow runs"),
+    ("bogus://x", "no tracking store for the scheme 'bogus'"),
+    ("sqlite:///{folder}/mlflow.db", "mlflow.db does not exist: nothing was logged there"),
+])
+def test_ui_refuses_a_stored_tracking_uri_it_cannot_serve(capsys, tmp_path, monkeypatch,
+                                                          mlflow_server, stored, problem):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tracking_uri").write_text(stored.format(folder=tmp_path))
+    code, err = run_cli(capsys, "ui", str(tmp_path))
+    assert code == 2 and mlflow_server == []
+    assert err.startswith(f"amid-ray ui: error: {tmp_path / 'tracking_uri'}: ") and problem in err
+
+
+def test_ui_serves_the_stored_database(capsys, tmp_path, mlflow_server):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "tracking_uri").write_text(uri)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    code, _ = run_cli(capsys, "ui", str(tmp_path), "--port", "5123")
+    assert code == 0 and len(mlflow_server) == 1
+    command = mlflow_server[0]
+    assert command[command.index("--backend-store-uri") + 1] == uri
+    assert command[command.index("--port") + 1] == "5123"

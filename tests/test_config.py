@@ -290,3 +290,71 @@ def test_sgo_and_taid_sections_are_checked():
         config_from_dict({"sgo": {"scheme": "online"}})
     with pytest.raises(ConfigError, match=r"taid.t_end = 0.3: must be a number in \(0, 1\]"):
         config_from_dict({"taid": {"t_start": 0.4, "t_end": 0.3}})
+
+
+def test_max_steps_has_a_finite_ceiling():
+    assert config_from_dict({"train": {"max_steps": 10**9}}).train.max_steps == 10**9
+    for steps in (10**9 + 1, 10**25):
+        with pytest.raises(ConfigError) as caught:
+            config_from_dict({"train": {"max_steps": steps}}, "run.yaml")
+        assert caught.value.key == "train.max_steps" and caught.value.value == steps
+        assert str(caught.value).endswith("must be <= 1000000000")
+
+
+@pytest.mark.parametrize("field", ["search_spec", "source"])
+def test_internal_fields_are_not_sections(field):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({field: {"params": {}}}, "run.yaml")
+    assert caught.value.key == field and "unknown section" in str(caught.value)
+    assert repr(field) not in str(caught.value).split("known: ")[1]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("resources.storage", "", "must name a folder or URI"),
+    ("resources.storage", "  ", "must name a folder or URI"),
+    ("resources.address", "", "null (or no address) starts a local Ray"),
+    ("cache.dir", "", "must name a folder"),
+])
+def test_empty_texts_are_refused_instead_of_meaning_the_current_folder(key, value, message):
+    section, field = key.split(".")
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({section: {field: value}}, "run.yaml")
+    assert (caught.value.key, caught.value.value) == (key, value)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "---\n"])
+def test_an_empty_file_is_refused_under_what_the_command_needs(tmp_path, text):
+    path = write(tmp_path, text)
+    for needs in ("models.teacher", "search"):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, needs=needs)
+        assert (caught.value.source, caught.value.key, caught.value.value) == (str(path), needs,
+                                                                              None)
+        assert "the file is empty (or holds only comments)" in str(caught.value)
+    # Without `needs` an empty file stands for the defaults, as before.
+    assert load_config(path).to_dict() == config_from_dict({}, str(path)).to_dict()
+    assert load_config(write(tmp_path, "name: x\n"), needs="models.teacher").name == "x"
+
+
+def test_an_invalid_inner_point_blames_the_parameter_whose_value_is_invalid():
+    # The first parameter (amid.alpha) is fine; data.max_length = 64 cannot hold the default
+    # 256-token prompt, whatever the others are.
+    params = {"amid.alpha": {"type": "uniform", "low": -5.0, "high": 1.0},
+              "data.max_length": {"type": "categorical", "values": [64, 512]}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"search": {"params": params}}, "space.yaml")
+    assert (caught.value.key, caught.value.value) == ("search.params.data.max_length", 64)
+    assert "must be below max_length (64)" in str(caught.value)
+
+
+def test_an_inner_point_invalid_only_as_a_whole_is_named_whole():
+    # Each value is valid with the others at their base values (max_steps 200, warm-up 0), but
+    # the middle point, max_steps (2 + 6) // 2 = 4 with warm-up (3 + 5) // 2 = 4, is not.
+    params = {"train.max_steps": {"type": "int", "low": 2, "high": 6},
+              "train.warmup_steps": {"type": "int", "low": 3, "high": 5}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"search": {"params": params}}, "space.yaml")
+    assert caught.value.key == "search.params"
+    assert caught.value.value == {"train.max_steps": 4, "train.warmup_steps": 4}
+    assert "train.warmup_steps = 4: must be below max_steps (4)" in str(caught.value)

@@ -252,6 +252,26 @@ def test_datasets_row_error_names_its_row(tmp_path):
         load_examples(tmp_path / "ds")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_text_that_is_not_utf8_names_its_line_and_byte(tmp_path, suffix):
+    good = json.dumps(GOOD).encode()
+    bad = b'{"instruction": "caf\xe9", "output": "A"}'  # Latin-1 é
+    content = (good + b"\n" + bad + b"\n" if suffix == ".jsonl"
+               else b"[" + good + b",\n" + bad + b"]")
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load_examples(path)
+    assert str(caught.value) == (f"latin1{suffix}: line 2: not UTF-8 text (byte 0xe9: invalid "
+                                 "continuation byte); save the file as UTF-8")
+
+
+def test_jsonl_lines_ending_in_crlf_are_read(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\r\n").encode() * 2 + b"\r\n")
+    assert [e.source for e in load_examples(path)] == ["windows.jsonl:1", "windows.jsonl:2"]
+
+
 def test_missing_path_and_unknown_suffix(tmp_path):
     with pytest.raises(DataError, match="nowhere.jsonl: no such file or folder"):
         load_examples(tmp_path / "nowhere.jsonl")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import importlib.metadata
 import multiprocessing
 import os
 import signal
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 
 from amid_ray import preflight
 from amid_ray.config import ConfigError, RunConfig, config_from_dict, set_dotted
+from amid_ray.data import load_examples
 from amid_ray.models import save_model
 from amid_ray.preflight import (
     ModelFacts,
@@ -330,6 +332,15 @@ def test_an_lm_corpus_too_short_for_one_batch_is_refused(make_run, tiny_world, t
     assert "0 tokens cannot fill one block of 96" in message
 
 
+def test_an_lm_corpus_that_is_not_utf8_is_refused(make_run, tokenizer, tmp_path):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes(b"Un caf\xe9 noir.\n")  # Latin-1 é
+    run = make_run(**{"train.lm_weight": 1.0, "data.lm_corpus": str(corpus)})
+    message = refused(lambda: check_data(run, tokenizer), key="data.lm_corpus",
+                      value=str(corpus))
+    assert "cannot be read: not UTF-8 text (invalid continuation byte)" in message
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -493,6 +504,51 @@ def test_redact_uri(uri, shown):
     assert redact_uri(uri) == shown
 
 
+def test_an_empty_tracking_uri_or_one_mlflow_cannot_store_to_is_refused():
+    check = {"source": "command line", "key": "--tracking-uri"}
+    assert "is empty" in refused(lambda: check_tracking_uri("", **check), key="--tracking-uri",
+                                 value="")
+    message = refused(lambda: check_tracking_uri("bogus://somewhere", **check),
+                      key="--tracking-uri", value="bogus://somewhere")
+    assert "MLflow has no tracking store for the scheme 'bogus'" in message
+    # Redacted like any other URI.
+    refused(lambda: check_tracking_uri("bogus://u:pw@host", **check), key="--tracking-uri",
+            value="bogus://***@host")
+
+
+def test_the_scheme_of_a_tracking_store_plugin_is_left_to_mlflow(monkeypatch):
+    plugin = importlib.metadata.EntryPoint("mystore", "mystore.plugin:Store",
+                                           "mlflow.tracking_store")
+    real = importlib.metadata.entry_points
+
+    def entry_points(**selection):
+        return [plugin] if selection == {"group": "mlflow.tracking_store"} else real(**selection)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    check = {"source": "command line", "key": "--tracking-uri"}
+    check_tracking_uri("mystore://anywhere", **check)
+    refused(lambda: check_tracking_uri("otherstore://x", **check), key="--tracking-uri",
+            value="otherstore://x")
+
+
+def test_a_store_to_read_must_exist_and_one_to_write_need_not(tmp_path):
+    read = {"source": "tracking_uri", "key": "tracking_uri", "existing": True}
+    database = f"sqlite:///{tmp_path}/mlflow.db"
+    message = refused(lambda: check_tracking_uri(database, **read), key="tracking_uri",
+                      value=database)
+    assert f"{tmp_path}/mlflow.db does not exist: nothing was logged there" in message
+    for folder in (str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri()):
+        message = refused(lambda folder=folder: check_tracking_uri(folder, **read),
+                          key="tracking_uri", value=folder)
+        assert f"{tmp_path / 'mlruns'} is not one: nothing was logged there" in message
+        check_tracking_uri(folder, source="command line", key="--tracking-uri")
+    check_tracking_uri(database, source="command line", key="--tracking-uri")
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    (tmp_path / "mlruns").mkdir()
+    for uri in (database, str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri()):
+        check_tracking_uri(uri, **read)
+
+
 # --------------------------------------------------------------------------- Ray address
 
 
@@ -539,6 +595,12 @@ def test_the_address_is_taken_from_flag_then_config_then_environment(make_run, m
             value=f"127.0.0.2:{port}")
 
 
+def test_an_empty_address_flag_is_refused_not_taken_for_none(make_run):
+    assert preflight.ray_address(make_run(), "") == ("", "command line", "--address")
+    message = refused(lambda: preflight_run(make_run(), address=""), key="--address", value="")
+    assert "is empty; expected host:port" in message
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -579,6 +641,41 @@ def test_gpus_this_machine_lacks_are_refused_locally(make_run, monkeypatch):
         assert f"needs 2 GPUs, but this machine has {gpus}" in message
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_local_resources(run.resources, SOURCE)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_an_eval_model_is_read_before_its_weights(tiny_world, odd_models):
+    assert preflight.check_eval_model(tiny_world["student"]) == Path(tiny_world["student"])
+    for folder, problem in [("no_tokenizer", "has no tokenizer"),
+                            ("no_weights", "has no weights"), ("truncated", "is damaged")]:
+        message = refused(lambda folder=folder: preflight.check_eval_model(odd_models[folder]),
+                          key="--model", value=odd_models[folder])
+        assert message.startswith("command line: --model = ") and problem in message
+    message = refused(lambda: preflight.check_eval_model(tiny_world["dev"]), key="--model",
+                      value=tiny_world["dev"])
+    assert "is a file but not a .gguf file" in message
+
+
+def test_eval_sets_are_read_named_and_never_empty(tiny_world, tmp_path):
+    dev = Path(tiny_world["dev"])
+    sets = preflight.read_eval_sets([str(dev)], limit=3)
+    assert list(sets) == [dev.stem] and sets[dev.stem] == load_examples(dev)[:3]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    message = refused(lambda: preflight.read_eval_sets([str(dev), str(empty)]), key="--data",
+                      value=str(empty))
+    assert "has no rows" in message
+    missing = str(tmp_path / "missing.jsonl")
+    message = refused(lambda: preflight.read_eval_sets([missing]), key="--data", value=missing)
+    assert f"cannot be read: {missing}: no such file or folder" in message
+    twin = tmp_path / "copy" / dev.name
+    twin.parent.mkdir()
+    twin.write_bytes(dev.read_bytes())
+    message = refused(lambda: preflight.read_eval_sets([str(dev), str(twin)]), key="--data",
+                      value=str(twin))
+    assert f"the report would call it {dev.stem!r}" in message
 
 
 # --------------------------------------------------------------------------- one local Ray
