@@ -381,6 +381,10 @@ def check_tracking_uri(uri: str, *, source: str, key: str, existing: bool = Fals
     shown = redact_uri(uri)
     if not uri.strip():
         raise ConfigError(source, key, uri, f"is empty; {TRACKING_URI_FORMS}")
+    if carries_secret(uri):
+        advice = SECRET_ADVICE.get(scheme, SECRET_ADVICE[""])
+        raise ConfigError(source, key, shown, "carries a secret, which the search folder would "
+                          f"store and logs would show; {advice}")
     if uri.startswith("databricks"):  # `databricks`, `databricks://profile`, `databricks-uc`
         return
     if scheme not in tracking_schemes():
@@ -445,9 +449,10 @@ def _check_tracking_server(uri: str, *, source: str, key: str) -> None:
 
 
 def _tracking_auth(parts) -> dict[str, str]:
-    """Headers MLflow would send: basic auth from the URI or its environment, else a token."""
+    """Headers MLflow would send: basic auth from its environment (the user may be in the URI;
+    a password there is refused), else a token."""
     user = parts.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = parts.password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         return {"Authorization": f"Basic {token}"}
@@ -464,6 +469,26 @@ def _tls_context() -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+
+
+#: Where a tracking URI's secret goes instead, by scheme ("": any other).
+SECRET_ADVICE = {
+    "http": "give it in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            "MLFLOW_TRACKING_TOKEN, which MLflow reads itself",
+    "https": "give it in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+             "MLFLOW_TRACKING_TOKEN, which MLflow reads itself",
+    "postgresql": "give the password in PGPASSWORD or ~/.pgpass, which the driver reads itself",
+    "": "give it through the environment or the driver's own configuration file",
+}
+
+
+def carries_secret(uri: str) -> bool:
+    """A password in the user info or a token-like query parameter (what `redact_uri` hides;
+    a user name alone is not a secret)."""
+    parts = urlsplit(uri)
+    return parts.password is not None or any(
+        value and SECRET_PARAMETER.search(name)
+        for name, _, value in (field.partition("=") for field in parts.query.split("&")))
 
 
 def redact_uri(uri: str) -> str:

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from amid_ray.errors import ConfigError
 from amid_ray.losses import PRESETS, is_degenerate
@@ -249,6 +250,10 @@ def _parse_storage(raw: Any, fail) -> str | None:
     if not isinstance(raw, str) or "://" not in raw:
         fail("storage", raw, "must be an SQLAlchemy database URL such as "
              "sqlite:////shared/optuna.db or postgresql://user@host/db (null: the search folder)")
+    if urlsplit(raw).password is not None:
+        fail("storage", raw.replace(urlsplit(raw).password, "***"),
+             "carries a password, which search.yaml in the search folder would store; give it "
+             "through the database driver (PGPASSWORD or ~/.pgpass for PostgreSQL)")
     return raw
 
 

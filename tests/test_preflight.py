@@ -425,11 +425,13 @@ def health_server():
     _Health.status = 200
 
 
-def test_a_tracking_server_that_answers_passes(health_server):
+def test_a_tracking_server_that_answers_passes(health_server, monkeypatch):
     port = health_server.server_address[1]
     check_tracking_uri(f"http://127.0.0.1:{port}/mlflow/", source="command line",
                        key="--tracking-uri")
-    check_tracking_uri(f"http://alice:s3cret@127.0.0.1:{port}", source="command line",
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    check_tracking_uri(f"http://127.0.0.1:{port}", source="command line",
                        key="--tracking-uri")
     expected = "Basic " + base64.b64encode(b"alice:s3cret").decode()
     assert _Health.seen == [("/mlflow/health", None), ("/health", expected)]
@@ -449,14 +451,27 @@ def test_a_tracking_server_that_refuses_is_refused(health_server, status, proble
     assert problem in message
 
 
-def test_an_unreachable_tracking_server_is_refused_without_its_password():
-    uri = f"http://bob:hunter2@127.0.0.1:{closed_port()}"
-    shown = redact_uri(uri)
+@pytest.mark.parametrize(("uri", "advice"), [
+    ("http://bob:hunter2@127.0.0.1:5000", "MLFLOW_TRACKING_PASSWORD"),
+    ("https://mlflow.example/?token=hunter2", "MLFLOW_TRACKING_TOKEN"),
+    ("postgresql+psycopg2://bob:hunter2@db:5432/mlflow", "PGPASSWORD"),
+    ("mysql://bob:hunter2@db/mlflow", "the driver's own configuration file"),
+])
+def test_a_tracking_uri_with_a_secret_is_refused_without_showing_it(uri, advice):
+    # Refused before any connection: the search folder would store it, logs would show it.
     message = refused(lambda: check_tracking_uri(uri, source="command line",
                                                  key="--tracking-uri"),
-                      key="--tracking-uri", value=shown)
-    assert "no MLflow server answered" in message
+                      key="--tracking-uri", value=redact_uri(uri))
+    assert "carries a secret" in message and advice in message
     assert "hunter2" not in message and "bob" not in message
+
+
+def test_a_user_name_alone_is_not_a_secret():
+    uri = f"postgresql://bob@127.0.0.1:{closed_port()}/mlflow"
+    message = refused(lambda: check_tracking_uri(uri, source="command line",
+                                                 key="--tracking-uri"),
+                      key="--tracking-uri", value=redact_uri(uri))
+    assert "the postgresql tracking database is not reachable" in message
 
 
 def test_the_environments_tracking_uri_is_checked_for_a_new_search(make_run, tmp_path,
@@ -480,9 +495,8 @@ def test_tracking_files_and_databases(tmp_path):
     uri = f"sqlite:///{blocker}/deeper/mlflow.db"
     message = refused(lambda: check_tracking_uri(uri, **check), key="--tracking-uri", value=uri)
     assert f"cannot be created: {blocker} is a file" in message
-    uri = f"postgresql://u:pw@127.0.0.1:{closed_port()}/mlflow"
-    message = refused(lambda: check_tracking_uri(uri, **check), key="--tracking-uri",
-                      value=redact_uri(uri))
+    uri = f"postgresql://127.0.0.1:{closed_port()}/mlflow"
+    message = refused(lambda: check_tracking_uri(uri, **check), key="--tracking-uri", value=uri)
     assert "the postgresql tracking database is not reachable" in message
 
 

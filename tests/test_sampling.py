@@ -150,6 +150,9 @@ def test_the_study_lives_in_a_database_and_gets_intermediate_values_per_run_step
     assert stopped.intermediate_values == {10: 0.2} and stopped.value == 0.2
     with pytest.raises(ConfigError, match="search.storage"):
         _run(dict(SPACE, storage="/tmp/optuna.db"))
+    with pytest.raises(ConfigError, match="carries a password") as refused:
+        _run(dict(SPACE, storage="postgresql://bob:hunter2@db/optuna"))
+    assert "hunter2" not in str(refused.value) and "postgresql://bob:***@db" in str(refused.value)
 
 
 def test_optuna_dashboard_serves_the_search_study(tmp_path):
