@@ -1,5 +1,6 @@
 """A real 2-node Ray cluster on this machine: a search over both nodes logging to a real MLflow
-server, and a run whose node is killed mid-run finishing on the other node.
+server; the same submitted as a Ray job (`ray job submit`), stopped (`ray job stop`) and resumed
+by a second job; a run whose node is killed mid-run finishing on the other node.
 
 Starts `ray start --head` (127.0.0.1) and a second `ray start --address …` with its own CPUs,
 resources and temp folder, plus `mlflow server` on 127.0.0.1; stops exactly those processes.
@@ -7,6 +8,7 @@ resources and temp folder, plus `mlflow server` on 127.0.0.1; stops exactly thos
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,11 +16,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import ray
+import yaml
 from mlflow_helpers import MlflowServer, free_port, tracking_summary
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -66,6 +70,13 @@ def start_node(fresh_args: Callable[[], list[str]], env: dict[str, str], temp_di
                 raise
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # the GCS, host:port
+    root: str  # the nodes' temp folders are <root>/head and <root>/second
+    dashboard: str  # the head's dashboard and job API, http://host:port
+
+
 @pytest.fixture
 def two_node_cluster():
     # Short paths: Ray's Unix sockets live under the temp folders.
@@ -75,10 +86,11 @@ def two_node_cluster():
 
     def head_args() -> list[str]:
         gcs["address"] = f"127.0.0.1:{free_port()}"
+        gcs["dashboard"] = f"http://127.0.0.1:{free_port()}"
         return ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs['address'].split(':')[1]}",
                 "--num-cpus=1", f"--resources={{\"{TRIAL_DRIVER_RESOURCE}\": 8}}",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={free_port()}"]
+                f"--dashboard-port={gcs['dashboard'].rsplit(':', 1)[1]}"]
 
     def second_args() -> list[str]:
         return [f"--address={gcs['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
@@ -86,7 +98,7 @@ def two_node_cluster():
     try:
         start_node(head_args, env, f"{root}/head")
         start_node(second_args, env, f"{root}/second")
-        yield gcs["address"], root
+        yield Cluster(gcs["address"], root, gcs["dashboard"])
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -103,7 +115,7 @@ def mlflow_server(tmp_path):
 
 def test_search_spreads_over_two_nodes_and_logs_to_the_server(
         tiny_world, two_node_cluster, mlflow_server, tmp_path):
-    address, _ = two_node_cluster
+    address = two_node_cluster.address
     shared = tmp_path / "shared-storage"
     run = config_from_dict({
         "name": "cluster-search",
@@ -161,7 +173,7 @@ def _drill_run(world, storage: Path):
 
 def test_a_run_whose_node_dies_finishes_on_the_other_node_from_its_last_checkpoint(
         tiny_world, two_node_cluster, tmp_path):
-    address, root = two_node_cluster
+    address, root = two_node_cluster.address, two_node_cluster.root
     ray.init(address=address)
     head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(
         TRIAL_DRIVER_RESOURCE))
@@ -202,3 +214,83 @@ def test_a_run_whose_node_dies_finishes_on_the_other_node_from_its_last_checkpoi
     uninterrupted = run_training(_drill_run(tiny_world, tmp_path / "uninterrupted"))
     for got, want in zip(history, uninterrupted.history, strict=True):
         assert got[VAL_LOSS] == pytest.approx(want[VAL_LOSS], rel=1e-6)
+
+
+def _job(dashboard: str, *args: str) -> subprocess.CompletedProcess:
+    command, *rest = args
+    return subprocess.run([RAY, "job", command, "--address", dashboard, *rest],
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _wait_for_job(dashboard: str, job: str, states: set[str], timeout_s: float) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job).value
+        if status in states:
+            return status
+        time.sleep(2)
+    pytest.fail(f"job {job} is {status}, not in {states}, after {timeout_s:.0f} s:\n"
+                f"{client.get_job_logs(job)[-3000:]}")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_search_submitted_as_a_ray_job_stops_and_resumes_as_jobs(
+        tiny_world, two_node_cluster, mlflow_server, tmp_path):
+    cluster = two_node_cluster
+    shared = tmp_path / "shared-storage"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "job-search",
+        "models": {"teacher": tiny_world["teacher"], "student": tiny_world["student"]},
+        "data": {"train": tiny_world["train"], "dev": tiny_world["dev"], "max_length": 96,
+                 "max_prompt_length": 72},
+        "train": {"batch_size": 4, "max_steps": 6},
+        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(shared),
+                      "keep_checkpoints": 1},
+        "search": {"num_samples": 4, "max_concurrent": 2, "scheduler": None,
+                   "baselines": ["kd", "rkl"],
+                   "params": {"amid.alpha": {"type": "uniform", "low": -3.0, "high": 0.5}}},
+    }))
+    search_dir = shared / "job-search"
+    # What a user runs from a checkout: the job's working dir is the project (.gitignore'd
+    # files left out), its driver runs on the head and connects to this cluster.
+    submitted = _job(cluster.dashboard, "submit", "--working-dir", str(REPO), "--submission-id",
+                     "amid-first", "--no-wait", "--", sys.executable, "tune_amid.py", "--config",
+                     str(space), "--tracking-uri", mlflow_server)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert _wait_for_job(cluster.dashboard, "amid-first", {"RUNNING", "FAILED", "SUCCEEDED"},
+                         120) == "RUNNING"
+    deadline = time.monotonic() + 300
+    while not any(search_dir.glob("trials/*/checkpoint_*/history.json")):
+        assert time.monotonic() < deadline, "the job's search made no checkpoint"
+        time.sleep(0.5)
+    assert _job(cluster.dashboard, "stop", "amid-first").returncode == 0
+    assert _wait_for_job(cluster.dashboard, "amid-first", {"STOPPED"}, 120) == "STOPPED"
+
+    resumed = _job(cluster.dashboard, "submit", "--working-dir", str(REPO), "--submission-id",
+                   "amid-resume", "--", sys.executable, "tune_amid.py", "--resume",
+                   str(search_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert _wait_for_job(cluster.dashboard, "amid-resume", {"SUCCEEDED", "FAILED"},
+                         60) == "SUCCEEDED"
+    # The driver's JSON summary, followed in the submit command's output by Ray's own lines.
+    (summary,) = [json.loads(line) for line in resumed.stdout.splitlines()
+                  if line.startswith('{"best_checkpoint"')]
+    assert summary["best_checkpoint"] == str(search_dir / "best")
+
+    ray.init(address=cluster.address)
+    trials = sorted(p.name for p in (search_dir / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 4  # num_samples, the 2 baselines included: each trial run once
+    nodes = {row["node_id"] for trial in trials for row in _history(search_dir, trial)}
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # trials on both nodes
+    tracked = tracking_summary(mlflow_server, search_dir)
+    assert sorted(c["trial_id"] for c in tracked["children"]) == trials
+    assert all(c["status"] == "FINISHED" and c["metrics"]["rougeL"]
+               for c in tracked["children"])
