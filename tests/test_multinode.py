@@ -113,23 +113,30 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+def _cluster_space(world, storage: Path, name: str, *, max_steps: int,
+                   baselines: list[str]) -> dict:
+    """A 4-trial search over the tiny world, 2 trials at a time (one per node's CPU)."""
+    return {
+        "name": name,
+        "models": {"teacher": world["teacher"], "student": world["student"]},
+        "data": {"train": world["train"], "dev": world["dev"], "max_length": 96,
+                 "max_prompt_length": 72},
+        "train": {"batch_size": 4, "max_steps": max_steps},
+        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(storage),
+                      "keep_checkpoints": 1},
+        "search": {"num_samples": 4, "max_concurrent": 2, "scheduler": None,
+                   "baselines": baselines,
+                   "params": {"amid.alpha": {"type": "uniform", "low": -3.0, "high": 0.5}}},
+    }
+
+
 def test_search_spreads_over_two_nodes_and_logs_to_the_server(
         tiny_world, two_node_cluster, mlflow_server, tmp_path):
     address = two_node_cluster.address
     shared = tmp_path / "shared-storage"
-    run = config_from_dict({
-        "name": "cluster-search",
-        "models": {"teacher": tiny_world["teacher"], "student": tiny_world["student"]},
-        "data": {"train": tiny_world["train"], "dev": tiny_world["dev"], "max_length": 96,
-                 "max_prompt_length": 72},
-        "train": {"batch_size": 4, "max_steps": 4},
-        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(shared),
-                      "keep_checkpoints": 1},
-        "search": {"num_samples": 4, "max_concurrent": 2, "scheduler": None,
-                   "baselines": ["kd", "rkl", "skl", "abkd"],
-                   "params": {"amid.alpha": {"type": "uniform", "low": -3.0, "high": 0.5}}},
-    }, "test")
+    run = config_from_dict(_cluster_space(tiny_world, shared, "cluster-search", max_steps=4,
+                                          baselines=["kd", "rkl", "skl", "abkd"]), "test")
     ray.init(address=address)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     outcome = run_search(run, tracking_uri=mlflow_server)
@@ -245,19 +252,8 @@ def test_a_search_submitted_as_a_ray_job_stops_and_resumes_as_jobs(
     cluster = two_node_cluster
     shared = tmp_path / "shared-storage"
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "job-search",
-        "models": {"teacher": tiny_world["teacher"], "student": tiny_world["student"]},
-        "data": {"train": tiny_world["train"], "dev": tiny_world["dev"], "max_length": 96,
-                 "max_prompt_length": 72},
-        "train": {"batch_size": 4, "max_steps": 6},
-        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(shared),
-                      "keep_checkpoints": 1},
-        "search": {"num_samples": 4, "max_concurrent": 2, "scheduler": None,
-                   "baselines": ["kd", "rkl"],
-                   "params": {"amid.alpha": {"type": "uniform", "low": -3.0, "high": 0.5}}},
-    }))
+    space.write_text(yaml.safe_dump(_cluster_space(tiny_world, shared, "job-search",
+                                                   max_steps=6, baselines=["kd", "rkl"])))
     search_dir = shared / "job-search"
     # What a user runs from a checkout: the job's working dir is the project (.gitignore'd
     # files left out), its driver runs on the head and connects to this cluster.
