@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,32 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str) 
     run = point_config(base, config, source=f"trial {trial_id}")
     run.resources.storage = str(Path(search_dir) / TRIALS_DIR)
     build_trainer(run, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+    _wait_until_tune_has_every_report()
+
+
+def _wait_until_tune_has_every_report(settle_s: float = 0.5) -> None:
+    """Return from the trial function only once Tune has taken every report Train sent.
+
+    Ray 2.60 hangs a trial otherwise: TuneReportCallback puts Train's reports in a queue the
+    trial's Tune session drains only when the driver asks for the next result. If the function
+    returns first, the session's end-of-function result fills its one-slot result queue, and the
+    next report taken from the Train queue blocks forever putting into it. A driver slowed down
+    (an MLflow server retried through an outage) with a trial's last rounds close together is
+    enough (seen in the MLflow outage drill).
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    reports = getattr(session, "_inter_actor_queue", None)
+    if reports is None:
+        return
+    # Empty twice, `settle_s` apart: a report the session has just taken is in its result
+    # queue (and back out to Tune) within microseconds.
+    while not (reports.empty() and session.result_queue.empty()):
+        time.sleep(0.1)
+    time.sleep(settle_s)
+    while not (reports.empty() and session.result_queue.empty()):
+        time.sleep(0.1)
 
 
 def trial_dirname(trial) -> str:

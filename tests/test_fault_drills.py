@@ -79,8 +79,10 @@ def test_an_mlflow_outage_of_a_minute_loses_no_metric_and_duplicates_no_run(
         tiny_world, local_ray, tmp_path, search_config):
     server = MlflowServer(tmp_path / "mlflow")
     server.start()
-    run = config_from_dict(search_config(tiny_world, tmp_path / "storage", "outage",
-                                         num_samples=3, max_concurrent=1), "test")
+    space = search_config(tiny_world, tmp_path / "storage", "outage", num_samples=2,
+                          max_concurrent=1)
+    space["train"]["max_steps"] = 4  # the kd baseline and one sampled trial, two rounds each
+    run = config_from_dict(space, "test")
     times: dict[str, float] = {}
     outage = threading.Thread(target=_outage_after_first_round, daemon=True,
                               args=(server, tmp_path / "storage" / "outage", 60.0, times))
