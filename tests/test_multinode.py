@@ -253,7 +253,7 @@ def test_a_search_submitted_as_a_ray_job_stops_and_resumes_as_jobs(
     shared = tmp_path / "shared-storage"
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(_cluster_space(tiny_world, shared, "job-search",
-                                                   max_steps=6, baselines=["kd", "rkl"])))
+                                                   max_steps=4, baselines=["kd", "rkl"])))
     search_dir = shared / "job-search"
     # What a user runs from a checkout: the job's working dir is the project (.gitignore'd
     # files left out), its driver runs on the head and connects to this cluster.
