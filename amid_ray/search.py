@@ -84,13 +84,16 @@ def _wait_until_tune_has_every_report(settle_s: float = 0.5) -> None:
     reports = getattr(session, "_inter_actor_queue", None)
     if reports is None:
         return
-    # Empty twice, `settle_s` apart: a report the session has just taken is in its result
+
+    def wait_until_drained() -> None:
+        while not (reports.empty() and session.result_queue.empty()):
+            time.sleep(0.1)
+
+    # Drained twice, `settle_s` apart: a report the session has just taken is in its result
     # queue (and back out to Tune) within microseconds.
-    while not (reports.empty() and session.result_queue.empty()):
-        time.sleep(0.1)
+    wait_until_drained()
     time.sleep(settle_s)
-    while not (reports.empty() and session.result_queue.empty()):
-        time.sleep(0.1)
+    wait_until_drained()
 
 
 def trial_dirname(trial) -> str:
