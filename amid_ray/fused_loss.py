@@ -70,10 +70,10 @@ class FusedLosses(NamedTuple):
 class _Plan:
     """Everything about one call except the differentiable tensors."""
 
-    teacher: TeacherRows
+    teacher: TeacherRows | None  # None: cross-entropy only (kd_ratio 0)
     rows: torch.Tensor
     targets: torch.Tensor | None
-    settings: AMiDSettings
+    settings: AMiDSettings | None
     kd_ratio: float
     chunk_rows: int
     matmul_dtype: torch.dtype
@@ -109,19 +109,40 @@ def fused_amid_loss(
     gradient (e.g. 1/grad_accum) scales them. No rows: every value and gradient is 0.
     """
     _check_inputs(student_hidden, student_weight, student_bias, rows, targets, kd_ratio)
-    vocab = student_weight.shape[0]
+    return _fused(student_hidden, student_weight, student_bias, teacher, rows,
+                  targets if kd_ratio < 1.0 else None, settings, float(kd_ratio), chunk_rows)
+
+
+def fused_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """(1/R) Σ_{n ∈ rows} -log softmax(W·h_n + b)[targets_n], from hidden states, a chunk of
+    rows at a time, with the gradients formed inside the chunk loop as `fused_amid_loss` does
+    (its kd_ratio = 0 case without a teacher): the language-modelling loss without
+    `[tokens, vocab]` logits. Differentiable; 0 for no rows."""
+    _check_inputs(hidden, weight, bias, rows, targets, 0.0)
+    return _fused(hidden, weight, bias, None, rows, targets, None, 0.0, chunk_rows).total
+
+
+def _fused(hidden, weight, bias, teacher, rows, targets, settings, kd_ratio,
+           chunk_rows) -> FusedLosses:
     if chunk_rows is None:
-        chunk_rows = rows_per_chunk(vocab, DEFAULT_FUSED_CHUNK_ELEMENTS)
+        chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_FUSED_CHUNK_ELEMENTS)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    device_type = student_hidden.device.type
+    device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         matmul_dtype = torch.get_autocast_dtype(device_type)
     else:
-        matmul_dtype = torch.promote_types(student_hidden.dtype, student_weight.dtype)
-    plan = _Plan(teacher, rows, targets if kd_ratio < 1.0 else None, settings, float(kd_ratio),
-                 chunk_rows, matmul_dtype)
-    tensors = (student_hidden, student_weight, student_bias)
+        matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    plan = _Plan(teacher, rows, targets, settings, kd_ratio, chunk_rows, matmul_dtype)
+    tensors = (hidden, weight, bias)
     wants_grad = tuple(
         t is not None and t.requires_grad and torch.is_grad_enabled() for t in tensors
     )
@@ -181,25 +202,19 @@ def _losses_and_gradients(
     scale = 1.0 / max(rows.numel(), 1)
     distil_sum = torch.zeros((), dtype=loss_dtype, device=hidden.device)
     ce_sum = torch.zeros((), dtype=loss_dtype, device=hidden.device)
-    token_kwargs = plan.settings.as_kwargs()
 
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, rows.numel(), plan.chunk_rows):
             index = rows[start : start + plan.chunk_rows]
             chunk_hidden = hidden.detach().index_select(0, index).to(plan.matmul_dtype)
             student_logits = F.linear(chunk_hidden, head_weight, head_bias).to(loss_dtype)
-            teacher_logits = plan.teacher.logits(index)
-            if teacher_logits.shape != student_logits.shape:
-                raise ValueError(
-                    f"teacher.logits gave {tuple(teacher_logits.shape)} for {index.numel()} "
-                    f"rows; the student's head gives {tuple(student_logits.shape)}"
-                )
             student_logits.requires_grad_(any_grad)
             with torch.enable_grad() if any_grad else nullcontext():
                 terms = []
-                with torch.set_grad_enabled(any_grad and kd_ratio > 0.0):
-                    distil = amid_token_losses(student_logits, teacher_logits,
-                                               **token_kwargs).sum()
+                if plan.teacher is not None:
+                    distil = _chunk_distillation(plan, index, student_logits,
+                                                 any_grad and kd_ratio > 0.0)
+                    distil_sum += distil.detach()
                 if kd_ratio > 0.0:
                     terms.append(kd_ratio * distil)
                 if plan.targets is not None:
@@ -209,7 +224,6 @@ def _losses_and_gradients(
                     ce_sum += ce.detach()
                 if any_grad:
                     (grad_logits,) = torch.autograd.grad(sum(terms) * scale, student_logits)
-            distil_sum += distil.detach()
             if any_grad:
                 _fold_chunk_gradient(grad_logits, chunk_hidden, head_weight, index,
                                      grad_hidden, grad_weight, grad_bias)
@@ -217,6 +231,18 @@ def _losses_and_gradients(
     distil_mean, ce_mean = distil_sum * scale, ce_sum * scale
     total = (1.0 - kd_ratio) * ce_mean + kd_ratio * distil_mean
     return total, distil_mean, ce_mean, [grad_hidden, grad_weight, grad_bias]
+
+
+def _chunk_distillation(plan: _Plan, index, student_logits, with_grad: bool) -> torch.Tensor:
+    """Σ of the AMiD token losses over one chunk of rows."""
+    teacher_logits = plan.teacher.logits(index)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher.logits gave {tuple(teacher_logits.shape)} for {index.numel()} "
+            f"rows; the student's head gives {tuple(student_logits.shape)}"
+        )
+    with torch.set_grad_enabled(with_grad):
+        return amid_token_losses(student_logits, teacher_logits, **plan.settings.as_kwargs()).sum()
 
 
 def _fold_chunk_gradient(grad_logits, chunk_hidden, head_weight, index,

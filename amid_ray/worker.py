@@ -39,7 +39,13 @@ from amid_ray.data import (
     response_mask,
 )
 from amid_ray.evaluation import GenerationSettings, generate_responses, rouge_l
-from amid_ray.fused_loss import TeacherHead, TeacherRows, fused_amid_loss, hidden_and_head
+from amid_ray.fused_loss import (
+    TeacherHead,
+    TeacherRows,
+    fused_amid_loss,
+    fused_cross_entropy,
+    hidden_and_head,
+)
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.losses import AMiDSettings, amid_loss
 from amid_ray.metrics import (
@@ -67,6 +73,7 @@ from amid_ray.sgo import (
 )
 from amid_ray.sources import load_models, load_student, load_train_dev, teacher_source
 from amid_ray.state_file import load_state, save_state
+from amid_ray.system_metrics import SystemMetricsTarget, monitoring
 from amid_ray.teacher_cache import Encoded, TeacherCache
 from amid_ray.train_session import RayTrainSession, TrainSession
 
@@ -201,17 +208,26 @@ def _losses_from_logits(student, teacher, batch, objective: Objective, *,
 
 
 def language_modelling_loss(
-    student: torch.nn.Module, block: torch.Tensor, *, autocast_dtype: torch.dtype | None
+    student: torch.nn.Module, block: torch.Tensor, *, autocast_dtype: torch.dtype | None,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Next-token cross-entropy of the student on `[batch, block_size]` corpus tokens."""
+    """Next-token cross-entropy of the student on `[batch, block_size]` corpus tokens: from its
+    hidden states a chunk of positions at a time (`fused_cross_entropy`), or from its full
+    logits with `fused=False` (`train.fused_loss: false`)."""
     # Targets shifted instead of logits: no copy of the [batch, length, vocab] tensor.
     targets = torch.full_like(block, IGNORE_INDEX)
     targets[:, :-1] = block[:, 1:]
+    targets = targets.reshape(-1)
     with torch.autocast(block.device.type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
-        logits = student(input_ids=block).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+        if not fused:
+            logits = student(input_ids=block).logits
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
+                                   ignore_index=IGNORE_INDEX)
+        learner = hidden_and_head(student, input_ids=block)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        return fused_cross_entropy(learner.hidden.reshape(-1, learner.hidden.shape[-1]),
+                                   learner.weight, learner.bias, rows, targets)
 
 
 def corpus_blocks(run: RunConfig, tokenizer, world_size: int) -> torch.Tensor | None:
@@ -405,8 +421,12 @@ class _Window:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` is `RunConfig.to_dict()` with absolute paths."""
-    DistillationWorker(config_from_dict(config, "run config")).train()
+    """Ray Train entry point; `config` is `RunConfig.to_dict()` with absolute paths (and, for
+    a search with system metrics, where rank 0 logs them)."""
+    target = SystemMetricsTarget.pop_from(config)
+    worker = DistillationWorker(config_from_dict(config, "run config"))
+    with monitoring(target if worker.rank == 0 else None):
+        worker.train()
 
 
 class DistillationWorker:
@@ -578,7 +598,8 @@ class DistillationWorker:
                 block = self.lm_blocks[next(self.lm_batches)].to(self.device)
                 with self._sync_gradients(last):
                     lm = language_modelling_loss(self.model, block,
-                                                 autocast_dtype=self.autocast_dtype)
+                                                 autocast_dtype=self.autocast_dtype,
+                                                 fused=self.objective.fused)
                     (run.train.lm_weight * lm / accum).backward()
                 window.loss += run.train.lm_weight * lm.item() / accum
                 window.lm += lm.item() / accum

@@ -19,7 +19,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from amid_ray.fused_loss import TeacherHead, fused_amid_loss, hidden_and_head
+from amid_ray.fused_loss import (
+    TeacherHead,
+    fused_amid_loss,
+    fused_cross_entropy,
+    hidden_and_head,
+)
 from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, AMiDSettings, amid_loss, is_degenerate
 
 ALPHAS = (-3.0, -1.0, 0.5, 1.0, 3.0)
@@ -190,6 +195,28 @@ def test_empty_rows_give_zero_losses_and_zero_gradients():
     assert out.total.item() == out.distil.item() == out.ce.item() == 0.0
     for grad, leaf in zip(grads, problem.leaves, strict=True):
         assert grad.shape == leaf.shape and grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_cross_entropy_alone_matches_materialised_logits(bias, chunk_rows):
+    problem = Problem(seed=15, bias=bias)
+    logits = problem.student_logits()
+    ce = F.cross_entropy(logits[problem.rows], problem.targets[problem.rows])
+    want = torch.autograd.grad(ce * 0.5, problem.leaves)
+    got_ce = fused_cross_entropy(problem.hidden, problem.weight, problem.bias, problem.rows,
+                                 problem.targets, chunk_rows=chunk_rows)
+    got = torch.autograd.grad(got_ce * 0.5, problem.leaves)
+    assert_relative(got_ce, ce, RTOL, "ce")
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want, strict=False):
+        assert_relative(g, w, RTOL, f"grad {name}")
+    # The same number as the AMiD path's own cross-entropy part.
+    out = fused_amid_loss(problem.hidden, problem.weight, problem.bias, problem.teacher,
+                          problem.rows, problem.targets, settings=PRESETS["kd"], kd_ratio=0.0)
+    assert_relative(got_ce, out.ce, RTOL, "ce of fused_amid_loss")
+    with pytest.raises(ValueError, match="needs targets"):
+        fused_cross_entropy(problem.hidden, problem.weight, problem.bias, problem.rows,
+                            problem.targets[:3])
 
 
 def test_retained_graph_backward_twice_accumulates_twice():

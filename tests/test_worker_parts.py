@@ -107,17 +107,29 @@ def test_distillation_losses_match_a_direct_computation(kd_ratio, fused):
                             with_ce=True)
 
 
-def test_language_modelling_loss_is_next_token_cross_entropy():
+@pytest.mark.parametrize("tied", [True, False])
+def test_language_modelling_loss_is_next_token_cross_entropy(tied):
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        tie_word_embeddings=tied)
     student = GPT2LMHeadModel(config).eval()
     block = torch.randint(0, 50, (3, 9))
-    loss = language_modelling_loss(student, block, autocast_dtype=None)
     log_probs = torch.log_softmax(student(block).logits.double(), dim=-1)
     direct = -log_probs[:, :-1].gather(-1, block[:, 1:, None]).mean()
-    torch.testing.assert_close(loss.double(), direct, rtol=1e-5, atol=1e-6)
-    # Hugging Face's own shifted loss agrees.
-    torch.testing.assert_close(loss, student(block, labels=block).loss, rtol=1e-5, atol=1e-6)
+    grads = {}
+    for fused in (False, True):  # full logits, and a chunk of hidden states at a time
+        student.zero_grad()
+        loss = language_modelling_loss(student, block, autocast_dtype=None, fused=fused)
+        torch.testing.assert_close(loss.double(), direct, rtol=1e-5, atol=1e-6)
+        # Hugging Face's own shifted loss agrees.
+        torch.testing.assert_close(loss, student(block, labels=block).loss, rtol=1e-5,
+                                   atol=1e-6)
+        loss.backward()
+        grads[fused] = {n: p.grad.clone() for n, p in student.named_parameters()}
+    assert "transformer.wte.weight" in grads[True]
+    for name, want in grads[False].items():
+        scale = float(want.abs().max())
+        assert float((grads[True][name] - want).abs().max()) <= 1e-5 * scale + 1e-12, name
 
 
 def test_progress_line_reports_step_loss_speed_and_eta(capsys, monkeypatch):
