@@ -36,11 +36,11 @@ def cache_root(run: RunConfig) -> Path:
     """`cache.dir`, else `<resources.storage>/teacher-cache`, absolute."""
     if run.cache.dir is not None:
         return Path(run.cache.dir).expanduser().resolve()
-    storage = run.resources.storage
-    if "://" in storage:
-        raise ValueError(f"resources.storage {storage!r} is a URI: a teacher cache needs a "
+    root = run.resources.storage_root
+    if "://" in root:
+        raise ValueError(f"resources.storage {root!r} is a URI: a teacher cache needs a "
                          "local or mounted folder; set cache.dir")
-    return Path(storage).expanduser().resolve() / DEFAULT_CACHE_FOLDER
+    return Path(root) / DEFAULT_CACHE_FOLDER
 
 
 def teacher_dtype_name(run: RunConfig) -> str:

@@ -417,6 +417,12 @@ class ResourcesConfig:
     max_failures: int = _help("restarts of a failed run from its last checkpoint", 2)
     keep_checkpoints: int = _help("checkpoints kept per run (best by ROUGE-L)", 2)
 
+    @property
+    def storage_root(self) -> str:
+        """`storage` as Ray wants it: a URI as given, a folder as an absolute path."""
+        storage = self.storage
+        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
     def check(self, where: _Where) -> None:
         # An empty text would silently mean the current folder (storage) or no cluster (address).
         if not self.storage.strip():

@@ -269,6 +269,17 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+def child_filter(parent_run_id: str, condition: str | None = None) -> str:
+    """The MLflow filter for the child runs of a search's parent run that meet `condition`."""
+    wanted = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+    return wanted if not condition else f"{wanted} AND {condition}"
+
+
+def trial_condition(trial_id: str) -> str:
+    """The MLflow filter condition for the run of trial `trial_id`."""
+    return f"tags.{TRIAL_ID_TAG} = '{trial_id}'"
+
+
 class SearchRuns:
     """The MLflow runs of one search: its parent run and a child run per trial nested under it.
 
@@ -401,16 +412,14 @@ class SearchRuns:
 
     def find_child(self, trial_id: str) -> Run | None:
         """The trial's child run as MLflow holds it now, or None if it has none."""
-        runs = self.children(f"tags.{TRIAL_ID_TAG} = '{trial_id}'")
+        runs = self.children(trial_condition(trial_id))
         return runs[0] if runs else None
 
     def children(self, condition: str | None = None) -> list[Run]:
         """The child runs of the search (those meeting an MLflow filter `condition`), oldest
         first."""
-        filter_string = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'"
-        if condition:
-            filter_string += f" AND {condition}"
-        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
+        return self.client.search_runs([self.experiment_id],
+                                       filter_string=child_filter(self.parent_run_id, condition),
                                        order_by=["attributes.start_time ASC"])
 
     def set_running(self, run_id: str) -> None:

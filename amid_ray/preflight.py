@@ -338,15 +338,20 @@ def check_storage(run: RunConfig, new_search_dir: Path | None = None) -> None:
                       f"`amid-ray resume {new_search_dir}`, or choose another name (--name)")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else the closest of its parents that does."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_writable_folder(folder: Path, *, source: str, key: str, value: str) -> None:
     """`folder` is a folder, or can be created, and a file can be written in it (or in the
     folder it would be created in); refused with a ConfigError naming `key` and `value`.
     Leaves nothing behind."""
     if folder.exists() and not folder.is_dir():
         raise ConfigError(source, key, value, f"{folder} is a file; give a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise ConfigError(source, key, value,
                           f"cannot be created: {existing} is a file, not a folder")

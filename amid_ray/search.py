@@ -33,7 +33,12 @@ from amid_ray.cache_stage import build_run_caches
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
 from amid_ray.config import ConfigError, RunConfig, config_from_dict, point_config, read_yaml
 from amid_ray.early_stopping import make_scheduler
-from amid_ray.mlflow_runs import SearchRuns, default_tracking_uri
+from amid_ray.mlflow_runs import (
+    SearchRuns,
+    default_tracking_uri,
+    read_experiment_id,
+    read_parent_run_id,
+)
 from amid_ray.publish import finish_search, sync_trial
 from amid_ray.results import (
     BEST_DIR,
@@ -45,8 +50,9 @@ from amid_ray.results import (
 )
 from amid_ray.sampling import FixedPoints, load_search_study, make_searcher
 from amid_ray.search_space import PRESET_KEY, SearchSpec, grid_points
+from amid_ray.system_metrics import SystemMetricsTarget, find_trial_run
 from amid_ray.tracking import MLflowSearchTracker
-from amid_ray.training import build_trainer, storage_root
+from amid_ray.training import build_trainer
 
 SEARCH_FILE = "search.yaml"
 TRACKING_URI_FILE = "tracking_uri"
@@ -55,7 +61,8 @@ TRACKING_URI_FILE = "tracking_uri"
 # --------------------------------------------------------------------------- one trial
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str) -> None:
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str,
+              system_metrics_s: float | None = None) -> None:
     """Tune function trainable: one Ray Train run with the trial's point applied.
 
     The Train run is named after the trial id, so a retried or resumed trial continues from its
@@ -64,8 +71,23 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str) 
     trial_id = tune.get_context().get_trial_id()
     run = point_config(base, config, source=f"trial {trial_id}")
     run.resources.storage = str(Path(search_dir) / TRIALS_DIR)
-    build_trainer(run, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+    metrics = None if system_metrics_s is None else _system_metrics_target(
+        Path(search_dir), trial_id, system_metrics_s)
+    build_trainer(run, name=trial_id, callbacks=[TuneReportCallback()],
+                  system_metrics=metrics).fit()
     _wait_until_tune_has_every_report()
+
+
+def _system_metrics_target(search_dir: Path, trial_id: str,
+                           interval_s: float) -> SystemMetricsTarget | None:
+    """Where the trial's rank-0 worker logs system metrics (`search.system_metrics`): the trial's
+    child run, found through the search folder's records."""
+    tracking_uri = load_tracking_uri(search_dir)
+    experiment_id, parent_id = read_experiment_id(search_dir), read_parent_run_id(search_dir)
+    if tracking_uri is None or experiment_id is None or parent_id is None:
+        return None
+    run_id = find_trial_run(tracking_uri, experiment_id, parent_id, trial_id)
+    return None if run_id is None else SystemMetricsTarget(tracking_uri, run_id, interval_s)
 
 
 def _wait_until_tune_has_every_report(settle_s: float = 0.5) -> None:
@@ -142,7 +164,8 @@ def _trial_resources() -> dict[str, float]:
 
 
 def _trainable(run: RunConfig, search_dir: Path):
-    trainable = tune.with_parameters(run_trial, base=run.to_dict(), search_dir=str(search_dir))
+    trainable = tune.with_parameters(run_trial, base=run.to_dict(), search_dir=str(search_dir),
+                                     system_metrics_s=search_spec(run).system_metrics_s)
     return tune.with_resources(trainable, _trial_resources())
 
 
@@ -176,7 +199,7 @@ def build_tuner(run: RunConfig, spec: SearchSpec, search_dir: Path,
 
 def search_dir_for(run: RunConfig) -> Path:
     """`<resources.storage>/<name>`, absolute; storage must be a local or mounted folder."""
-    root = storage_root(run)
+    root = run.resources.storage_root
     if "://" in root:
         raise ConfigError(run.source, "resources.storage", root,
                           "searches need a local or mounted shared folder for now")

@@ -113,6 +113,8 @@ class SearchSpec:
     sampler: SamplerSpec = SamplerSpec()
     #: Optuna study storage (an SQLAlchemy URL); None: `sqlite:///<search folder>/optuna.db`.
     storage: str | None = None
+    #: Seconds between samples of the rank-0 worker's system metrics; None: not logged.
+    system_metrics_s: float | None = None
 
     @property
     def startup_trials(self) -> int:
@@ -149,7 +151,7 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
         raise ConfigError(source, f"search.{key}", value, allowed)
 
     known = {"num_samples", "max_concurrent", "seed", "scheduler", "params", "baselines",
-             "sampler", "storage"}
+             "sampler", "storage", "system_metrics"}
     for key in raw:
         if key not in known:
             fail(key, raw[key], f"unknown setting; known: {sorted(known)}")
@@ -176,6 +178,7 @@ def parse_search_section(raw: Mapping[str, Any] | None, source: str, *, base: Ma
         scheduler=_parse_scheduler(raw.get("scheduler", "asha"), fail),
         sampler=_parse_sampler(raw.get("sampler", "tpe"), fail),
         storage=_parse_storage(raw.get("storage"), fail),
+        system_metrics_s=_parse_system_metrics(raw.get("system_metrics", False), fail),
     )
     if spec.params and not spec.is_grid and spec.num_samples < len(spec.baselines):
         fail("num_samples", spec.num_samples, f"must be at least the {len(spec.baselines)} "
@@ -255,6 +258,21 @@ def _parse_storage(raw: Any, fail) -> str | None:
              "carries a password, which search.yaml in the search folder would store; give it "
              "through the database driver (PGPASSWORD or ~/.pgpass for PostgreSQL)")
     return raw
+
+
+#: Sampling interval of `system_metrics: true`, MLflow's own default.
+DEFAULT_SYSTEM_METRICS_S = 10.0
+
+
+def _parse_system_metrics(raw: Any, fail) -> float | None:
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return DEFAULT_SYSTEM_METRICS_S
+    if isinstance(raw, int | float) and math.isfinite(raw) and raw > 0:
+        return float(raw)
+    fail("system_metrics", raw, "must be true (every 10 s), false, or the seconds between "
+         "samples of the rank-0 worker's CPU, memory, disk, network and GPU use (> 0)")
 
 
 #: Early-stopping rules and the fields each takes besides `type`.

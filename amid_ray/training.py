@@ -18,34 +18,35 @@ from amid_ray.cache_stage import build_run_caches
 from amid_ray.config import RunConfig
 from amid_ray.errors import StorageFullError
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
+from amid_ray.preflight import nearest_existing
 from amid_ray.sources import absolute_paths
+from amid_ray.system_metrics import SystemMetricsTarget
 from amid_ray.train_snapshot import SnapshotKeeper, repair_snapshot
 from amid_ray.worker import HISTORY_FILE, MODEL_DIR, train_loop_per_worker
 
 
-def storage_root(run: RunConfig) -> str:
-    """`resources.storage` as Ray wants it: an absolute path or a URI."""
-    storage = run.resources.storage
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
 def build_trainer(run: RunConfig, *, name: str | None = None,
-                  callbacks: list[Any] | None = None) -> TorchTrainer:
+                  callbacks: list[Any] | None = None,
+                  system_metrics: SystemMetricsTarget | None = None) -> TorchTrainer:
     """A TorchTrainer for `run`; the same `name` and storage resume from its checkpoints (after
-    mending Ray Train's checkpoint record if a failed write cut it: `train_snapshot`)."""
+    mending Ray Train's checkpoint record if a failed write cut it: `train_snapshot`). With
+    `system_metrics`, the rank-0 worker logs its machine's use to that MLflow run."""
     resources = run.resources
     name = name or run.name
     callbacks = list(callbacks or [])
-    if "://" not in storage_root(run):
-        run_dir = Path(storage_root(run)) / name
+    if "://" not in run.resources.storage_root:
+        run_dir = Path(run.resources.storage_root) / name
         repair_snapshot(run_dir)
         callbacks.append(SnapshotKeeper(run_dir))
+    loop_config = absolute_paths(run).to_dict()
+    if system_metrics is not None:
+        loop_config = system_metrics.into(loop_config)
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         per_worker["GPU"] = resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=absolute_paths(run).to_dict(),
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.gpus_per_worker > 0,
@@ -53,7 +54,7 @@ def build_trainer(run: RunConfig, *, name: str | None = None,
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_root(run),
+            storage_path=run.resources.storage_root,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=resources.keep_checkpoints,
                 checkpoint_score_attribute=ROUGE_L,
@@ -129,7 +130,7 @@ def run_training(run: RunConfig) -> TrainOutcome:
 
 def storage_full(run: RunConfig) -> StorageFullError:
     """The error for a run stopped by a full storage device, with what to do about it."""
-    root = storage_root(run)
+    root = run.resources.storage_root
     free = "" if "://" in root else f" ({_free_mib(root)} MiB free)"
     return StorageFullError(
         run.source, "resources.storage", run.resources.storage,
@@ -139,10 +140,7 @@ def storage_full(run: RunConfig) -> StorageFullError:
 
 
 def _free_mib(folder: str) -> int:
-    path = Path(folder)
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free // 2**20
+    return shutil.disk_usage(nearest_existing(Path(folder))).free // 2**20
 
 
 def _failure_chain(failure: BaseException) -> Iterator[BaseException]:

@@ -19,8 +19,9 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
                                                                  search_config, tmp_path):
     # One trial at a time, so the order trials reach each ASHA rung is known and the stops
     # can be predicted from the recorded curves (with two at once it is a race).
-    run = config_from_dict(search_config(tiny_world, tmp_path, "demo-search", max_concurrent=1),
-                           "test")
+    # System metrics sampled every second on the trials' rank-0 workers.
+    run = config_from_dict(search_config(tiny_world, tmp_path, "demo-search", max_concurrent=1,
+                                         system_metrics=1), "test")
     outcome = run_search(run)
     records = outcome.records
     assert len(records) == 4
@@ -54,6 +55,9 @@ def test_search_records_every_trial_and_exports_the_rouge_argmax(tiny_world, loc
         if "amid.alpha" in record.params:
             alpha = float(child["params"]["amid.alpha"])
             assert alpha == pytest.approx(record.params["amid.alpha"])
+        # The worker's machine, sampled while it trained (MLflow's own `system/` series).
+        assert child["metrics"]["system/cpu_utilization_percentage"]
+        assert child["metrics"]["system/system_memory_usage_megabytes"]
         # Every trial has its dev cross-entropy and SGO tau curves, a point per round.
         assert len(child["metrics"]["dev_ce"]) == len(child["metrics"]["sgo_threshold"]) == len(
             rouge_curve)

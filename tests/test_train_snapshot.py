@@ -40,3 +40,11 @@ def test_no_record_is_nothing_to_do(tmp_path):
     said = []
     repair_snapshot(tmp_path / "new-run", said.append)
     assert said == [] and not (tmp_path / "new-run").exists()
+
+
+def test_the_record_is_the_file_ray_train_writes():
+    # Ray's name lives in a private module; a Ray upgrade that renamed the file would turn the
+    # repair into a silent no-op, so the copy is checked against Ray's own constant.
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
