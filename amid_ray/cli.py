@@ -128,7 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag} cannot be used with --resume: a resumed search keeps the "
                              f"settings it started with (see {Path(args.resume) / 'search.yaml'})")
-        return _resume(Path(args.resume), args.address, args.tracking_uri)
+        return _resume(args.resume, args.address, args.tracking_uri)
     from amid_ray.cluster import ray_session
     from amid_ray.preflight import preflight_run
     from amid_ray.search import run_search, search_dir_for, search_spec
@@ -150,7 +150,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return _finish_search(outcome)
 
 
-def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> int:
+def _resume(location: str, address: str | None, tracking_uri: str | None) -> int:
     from amid_ray.cluster import ray_session
     from amid_ray.preflight import check_tracking_uri, preflight_run
     from amid_ray.search import (
@@ -158,10 +158,12 @@ def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> 
         check_resumable,
         load_search_file,
         load_tracking_uri,
+        open_search_folder,
         run_search,
         search_spec,
     )
 
+    search_dir = open_search_folder(location)  # a URI's files are downloaded first
     run = load_search_file(search_dir)
     search_spec(run)  # all of these before Ray starts
     check_resumable(search_dir)
@@ -175,13 +177,13 @@ def _resume(search_dir: Path, address: str | None, tracking_uri: str | None) -> 
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return _resume(Path(args.search_dir), args.address, args.tracking_uri)
+    return _resume(args.search_dir, args.address, args.tracking_uri)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
     from amid_ray.search import search_results
 
-    outcome = search_results(Path(args.search_dir))
+    outcome = search_results(args.search_dir)
     print(outcome.table)
     _print_json_last(outcome.summary())
     return 0 if outcome.best else 1
@@ -192,9 +194,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     from amid_ray.preflight import check_tracking_uri, redact_uri
-    from amid_ray.search import TRACKING_URI_FILE, load_tracking_uri
+    from amid_ray.search import TRACKING_URI_FILE, load_tracking_uri, open_search_folder
 
-    search_dir = Path(args.search_dir or ".").expanduser().resolve()
+    search_dir = open_search_folder(args.search_dir or ".").resolve()  # a URI: a local copy
     uri = load_tracking_uri(search_dir)
     if uri is None:
         print(f"amid-ray ui: error: {search_dir} is not a search folder (no {TRACKING_URI_FILE})",
@@ -337,13 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Continue the search in SEARCH_DIR: finished "
                                  "trials are kept, unfinished ones resume from their last "
                                  "checkpoint, the searcher continues from its state.")
-    resume.add_argument("search_dir", metavar="SEARCH_DIR", help="<storage>/<name>")
+    resume.add_argument("search_dir", metavar="SEARCH_DIR",
+                        help="<storage>/<name>: a folder, or a URI such as s3://bucket/runs/demo")
     resume.add_argument("--address", help="Ray cluster address")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: where it started)")
     resume.set_defaults(handler=cmd_resume)
 
     best = commands.add_parser("best", help="print a search's trials and best checkpoint")
-    best.add_argument("search_dir", metavar="SEARCH_DIR")
+    best.add_argument("search_dir", metavar="SEARCH_DIR", help="<storage>/<name> (folder or URI)")
     best.set_defaults(handler=cmd_best)
 
     ui = commands.add_parser("ui", help="start the MLflow UI for a search on 127.0.0.1")

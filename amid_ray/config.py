@@ -438,6 +438,9 @@ class ResourcesConfig:
         where.at_least("keep_checkpoints", self.keep_checkpoints, 1)
 
 
+#: A search folder's copy of the run configuration it searches around.
+SEARCH_FILE = "search.yaml"
+
 #: Storage dtypes of cached teacher log-probabilities (`teacher_cache.STORAGE_DTYPES`).
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 #: What a teacher cache's content depends on besides its own settings: a search that varies any

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from amid_ray.config import ConfigError, ResourcesConfig, RunConfig
+from amid_ray.config import SEARCH_FILE, ConfigError, ResourcesConfig, RunConfig
 from amid_ray.data import DataError, InstructionExample, load_examples
 from amid_ray.lm_corpus import load_lm_blocks
 from amid_ray.models import (
@@ -42,6 +42,7 @@ from amid_ray.models import (
     pretrained_location,
     validate_keep_layers,
 )
+from amid_ray.remote_storage import exists, is_uri, join, probe_writable
 from amid_ray.sources import (
     cache_dir,
     data_path,
@@ -322,10 +323,11 @@ def _check_lm_corpus(run: RunConfig, tokenizer: PreTrainedTokenizerBase, need: i
 
 
 def check_storage(run: RunConfig, new_search_dir: Path | None = None) -> None:
-    """`resources.storage` is a folder this process can write in (or can create), and a new
-    search's folder does not exist yet. URIs (`s3://…`) are left to Ray."""
+    """`resources.storage` is a folder this process can write in (or can create), or a URI
+    (`s3://…`) it can write an object under; and a new search does not exist there yet."""
     storage = run.resources.storage
-    if "://" in storage:
+    if is_uri(storage):
+        _check_storage_uri(run, storage, new_search=new_search_dir is not None)
         return
     check_writable_folder(Path(storage).expanduser(), source=run.source,
                           key="resources.storage", value=storage)
@@ -336,6 +338,22 @@ def check_storage(run: RunConfig, new_search_dir: Path | None = None) -> None:
     raise ConfigError(run.source, "name", run.name,
                       f"{new_search_dir} already exists ({held}); continue that search with "
                       f"`amid-ray resume {new_search_dir}`, or choose another name (--name)")
+
+
+def _check_storage_uri(run: RunConfig, storage: str, *, new_search: bool) -> None:
+    try:
+        probe_writable(storage)
+        taken = new_search and exists(join(storage, run.name, SEARCH_FILE))
+    except (OSError, ValueError) as error:  # unknown scheme, no bucket, no credentials, …
+        raise ConfigError(run.source, "resources.storage", storage,
+                          f"cannot be written ({error}); check the bucket and the credentials "
+                          "(AWS_* variables, AWS_ENDPOINT_URL for S3-compatible servers)"
+                          ) from None
+    if taken:
+        location = join(storage, run.name)
+        raise ConfigError(run.source, "name", run.name,
+                          f"a search already exists at {location}; continue it with "
+                          f"`amid-ray resume {location}`, or choose another name (--name)")
 
 
 def nearest_existing(path: Path) -> Path:

@@ -21,9 +21,18 @@ from amid_ray.atomic import atomic_folder
 from amid_ray.config import RunConfig, point_config
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.preflight import redact_uri
+from amid_ray.remote_storage import (
+    STORAGE_URI_FILE,
+    download_checkpoint,
+    is_uri,
+    join,
+    read_bytes,
+    resolve,
+)
 from amid_ray.sampling import optuna_distribution
 from amid_ray.search_space import PRESET_KEY, SearchSpec
 from amid_ray.selection import LEVEL, Interval, bootstrap_interval, paired_difference
+from amid_ray.train_snapshot import SNAPSHOT
 from amid_ray.training import TrainOutcome, read_outcome
 from amid_ray.worker import DEV_SCORES_FILE
 
@@ -31,8 +40,6 @@ from amid_ray.worker import DEV_SCORES_FILE
 TRIALS_DIR = "trials"
 #: Folder of the search folder holding the best checkpoint (a Hugging Face model folder).
 BEST_DIR = "best"
-#: What Ray Train writes into a run folder once it has reported.
-TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 #: How a trial ended (see `trial_verdict`).
 FINISHED = "finished"
@@ -93,19 +100,38 @@ def trial_record(trial_id: str, params: dict[str, Any], tune_status: str,
     )
 
 
+def search_uri(search_dir: Path) -> str | None:
+    """The URI a search folder mirrors (storage at a URI: `remote_storage`), else None."""
+    record = Path(search_dir) / STORAGE_URI_FILE
+    return record.read_text().strip() if record.is_file() else None
+
+
+def trials_root(search_dir: Path) -> str:
+    """Where the search's trials keep their Ray Train runs: `<search>/trials`, in the object
+    store for a search whose storage is a URI."""
+    uri = search_uri(search_dir)
+    return join(uri, TRIALS_DIR) if uri else str(Path(search_dir) / TRIALS_DIR)
+
+
 def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
     """Every trial of the search, in the order Tune created them."""
     analysis = ExperimentAnalysis(str(search_dir))
     trials = sorted(analysis.trials, key=lambda trial: creation_index(trial.experiment_tag))
+    root = trials_root(search_dir)
     return [trial_record(trial.trial_id, dict(trial.config), trial.status,
-                         _train_outcome(search_dir / TRIALS_DIR / trial.trial_id), max_steps)
+                         _train_outcome(join(root, trial.trial_id)), max_steps)
             for trial in trials]
 
 
-def _train_outcome(train_dir: Path) -> TrainOutcome | None:
-    if not (train_dir / TRAIN_SNAPSHOT).is_file():  # a trial that failed before its first report
+def _train_outcome(train_dir: str) -> TrainOutcome | None:
+    if is_uri(train_dir):
+        filesystem, path = resolve(train_dir)
+        started = filesystem.get_file_info(f"{path}/{SNAPSHOT}").is_file
+    else:
+        started = (Path(train_dir) / SNAPSHOT).is_file()
+    if not started:  # Ray Train writes its record once a run has reported: none, no outcome
         return None
-    return read_outcome(ray.train.Result.from_path(str(train_dir)))
+    return read_outcome(ray.train.Result.from_path(train_dir))
 
 
 def creation_index(experiment_tag: str) -> int:
@@ -130,6 +156,8 @@ def export_best(record: TrialRecord, search_dir: Path) -> Path:
     next export runs first).
     """
     target = search_dir / BEST_DIR
+    if is_uri(record.best_checkpoint):  # a search mirrored to object storage
+        return download_checkpoint(record.best_checkpoint, target)
     with atomic_folder(target) as staging:
         shutil.copytree(record.best_checkpoint, staging, dirs_exist_ok=True)
     return target
@@ -184,8 +212,13 @@ def dev_scores(record: TrialRecord) -> list[float] | None:
     """Per-dev-item ROUGE-L of a trial's best checkpoint (None where it was not recorded)."""
     if not record.best_checkpoint:
         return None
-    path = Path(record.best_checkpoint).parent / DEV_SCORES_FILE
-    return json.loads(path.read_text())[ROUGE_L] if path.is_file() else None
+    checkpoint = record.best_checkpoint.rstrip("/").rsplit("/", 1)[0]
+    try:
+        text = read_bytes(join(checkpoint, DEV_SCORES_FILE)) if is_uri(checkpoint) else \
+            (Path(checkpoint) / DEV_SCORES_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return json.loads(text)[ROUGE_L]
 
 
 @dataclass(frozen=True)
@@ -257,16 +290,22 @@ class SearchOutcome:
     confidence: Confidence | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The search in one JSON-able dict (the last line `amid-ray tune` prints)."""
+        """The search in one JSON-able dict (the last line `amid-ray tune` prints). A search
+        stored at a URI is named by it, with `local_copy` the folder its driver worked in."""
+        uri = search_uri(self.search_dir)
+        where = {"search_dir": str(self.search_dir)} if uri is None else {
+            "search_dir": uri, "local_copy": str(self.search_dir)}
+        best_dir = None if self.best_dir is None else (
+            str(self.best_dir) if uri is None else join(uri, BEST_DIR))
         return {
-            "best_checkpoint": str(self.best_dir) if self.best_dir else None,
+            "best_checkpoint": best_dir,
             "best_config": self.best_settings,
             "best_trial": self.best.trial_id if self.best else None,
             ROUGE_L: self.best.best_rougeL if self.best else None,
             **(self.confidence.summary() if self.confidence else {}),
             "num_trials": len(self.records),
             "tracking_uri": self.tracking_uri and redact_uri(self.tracking_uri),
-            "search_dir": str(self.search_dir),
+            **where,
         }
 
     def best_details(self) -> dict[str, Any]:

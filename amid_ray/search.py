@@ -14,9 +14,11 @@ Search folder `<storage>/<name>` holds everything needed to resume:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,14 @@ from amid_ray.atomic import recover_folder, write_text_atomic
 from amid_ray.cache_plan import cache_root
 from amid_ray.cache_stage import build_run_caches
 from amid_ray.cluster import TRIAL_DRIVER_RESOURCE
-from amid_ray.config import ConfigError, RunConfig, config_from_dict, point_config, read_yaml
+from amid_ray.config import (
+    SEARCH_FILE,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    point_config,
+    read_yaml,
+)
 from amid_ray.early_stopping import make_scheduler
 from amid_ray.mlflow_runs import (
     SearchRuns,
@@ -40,13 +49,25 @@ from amid_ray.mlflow_runs import (
     read_parent_run_id,
 )
 from amid_ray.publish import finish_search, sync_trial
+from amid_ray.remote_storage import (
+    NOT_MIRRORED,
+    STORAGE_URI_FILE,
+    Mirror,
+    download_folder,
+    exists,
+    is_uri,
+    join,
+    staging_folder,
+)
 from amid_ray.results import (
     BEST_DIR,
     TRIALS_DIR,
     SearchOutcome,
     export_best,
     read_results,
+    search_uri,
     study_from_trials,
+    trials_root,
 )
 from amid_ray.sampling import FixedPoints, load_search_study, make_searcher
 from amid_ray.search_space import PRESET_KEY, SearchSpec, grid_points
@@ -54,7 +75,6 @@ from amid_ray.system_metrics import SystemMetricsTarget, find_trial_run
 from amid_ray.tracking import MLflowSearchTracker
 from amid_ray.training import build_trainer
 
-SEARCH_FILE = "search.yaml"
 TRACKING_URI_FILE = "tracking_uri"
 
 
@@ -62,7 +82,7 @@ TRACKING_URI_FILE = "tracking_uri"
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str,
-              system_metrics_s: float | None = None) -> None:
+              trials_root: str | None = None, system_metrics_s: float | None = None) -> None:
     """Tune function trainable: one Ray Train run with the trial's point applied.
 
     The Train run is named after the trial id, so a retried or resumed trial continues from its
@@ -70,7 +90,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str,
     """
     trial_id = tune.get_context().get_trial_id()
     run = point_config(base, config, source=f"trial {trial_id}")
-    run.resources.storage = str(Path(search_dir) / TRIALS_DIR)
+    run.resources.storage = trials_root or str(Path(search_dir) / TRIALS_DIR)
     metrics = None if system_metrics_s is None else _system_metrics_target(
         Path(search_dir), trial_id, system_metrics_s)
     build_trainer(run, name=trial_id, callbacks=[TuneReportCallback()],
@@ -165,6 +185,7 @@ def _trial_resources() -> dict[str, float]:
 
 def _trainable(run: RunConfig, search_dir: Path):
     trainable = tune.with_parameters(run_trial, base=run.to_dict(), search_dir=str(search_dir),
+                                     trials_root=trials_root(search_dir),
                                      system_metrics_s=search_spec(run).system_metrics_s)
     return tune.with_resources(trainable, _trial_resources())
 
@@ -198,12 +219,42 @@ def build_tuner(run: RunConfig, spec: SearchSpec, search_dir: Path,
 
 
 def search_dir_for(run: RunConfig) -> Path:
-    """`<resources.storage>/<name>`, absolute; storage must be a local or mounted folder."""
+    """`<resources.storage>/<name>`, absolute; for storage at a URI, the local staging folder
+    of `<storage>/<name>` (`remote_storage`)."""
     root = run.resources.storage_root
-    if "://" in root:
-        raise ConfigError(run.source, "resources.storage", root,
-                          "searches need a local or mounted shared folder for now")
+    if is_uri(root):
+        return staging_folder(join(root, run.name))
     return Path(root) / run.name
+
+
+def search_location(run: RunConfig) -> str:
+    """Where the search lives for its user: its folder, or its URI."""
+    root = run.resources.storage_root
+    return join(root, run.name) if is_uri(root) else str(Path(root) / run.name)
+
+
+def open_search_folder(location: str | Path) -> Path:
+    """The local folder of the search at `location`: the folder itself, or for a URI a fresh
+    staging folder with the search's own files downloaded (its trials stay in the store)."""
+    if not is_uri(str(location)):
+        return Path(location).expanduser()
+    uri = str(location).rstrip("/")
+    try:
+        found = exists(join(uri, SEARCH_FILE))
+    except OSError as error:
+        raise ConfigError(uri, "(search)", uri, f"cannot be read: {error}") from None
+    if not found:
+        raise ConfigError(uri, "(search)", uri, f"not a search: {SEARCH_FILE} is missing")
+    staging = staging_folder(uri)
+    shutil.rmtree(staging, ignore_errors=True)
+    download_folder(uri, staging, skip=NOT_MIRRORED)
+    return staging
+
+
+def _mirrored(search_dir: Path) -> contextlib.AbstractContextManager:
+    """Uploads of a URI search's own files while the block runs (nothing for a local one)."""
+    uri = search_uri(search_dir)
+    return contextlib.nullcontext() if uri is None else Mirror(search_dir, uri).running()
 
 
 def save_search_file(run: RunConfig, search_dir: Path) -> None:
@@ -268,7 +319,7 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     """Start the search `run` describes, or resume the one in `resume_dir`, and see it through:
     trials, best checkpoint exported to `<search_dir>/best`, everything logged to MLflow."""
     if resume_dir is not None:
-        search_dir = Path(resume_dir).expanduser().resolve()
+        search_dir = open_search_folder(resume_dir).resolve()
         run = load_search_file(search_dir)
         check_resumable(search_dir)
         # A driver killed while exporting can leave the old best/ aside: put it back now.
@@ -276,6 +327,15 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
     else:
         assert run is not None
         search_dir = search_dir_for(run)
+        if is_uri(run.resources.storage_root):  # a fresh staging folder, marked as mirroring
+            location = search_location(run)
+            if exists(join(location, SEARCH_FILE)):
+                raise ConfigError(run.source, "name", run.name,
+                                  f"a search already exists at {location}; resume it with "
+                                  f"`amid-ray resume {location}` or choose another --name")
+            shutil.rmtree(search_dir, ignore_errors=True)
+            search_dir.mkdir(parents=True)
+            write_text_atomic(search_dir / STORAGE_URI_FILE, search_location(run))
         if tune.Tuner.can_restore(str(search_dir)):
             raise ConfigError(run.source, "name", run.name,
                               f"a search already exists in {search_dir}; resume it with "
@@ -306,8 +366,9 @@ def run_search(run: RunConfig | None = None, *, resume_dir: Path | None = None,
                               f"cannot be restored: {error}") from error
     else:
         tuner = build_tuner(run, spec, search_dir, [MLflowSearchTracker(runs)])
-    tuner.fit()
-    return _conclude(run, spec, search_dir, runs)
+    with _mirrored(search_dir):
+        tuner.fit()
+        return _conclude(run, spec, search_dir, runs)
 
 
 def _conclude(run: RunConfig, spec: SearchSpec, search_dir: Path,
@@ -331,9 +392,10 @@ def _conclude(run: RunConfig, spec: SearchSpec, search_dir: Path,
     return outcome
 
 
-def search_results(search_dir: Path) -> SearchOutcome:
-    """The results of the search in `search_dir` as its folder holds them now (no Ray needed)."""
-    search_dir = Path(search_dir).expanduser().resolve()
+def search_results(location: str | Path) -> SearchOutcome:
+    """The results of the search at `location` (its folder or URI) as they stand now (no Ray
+    needed)."""
+    search_dir = open_search_folder(location).resolve()
     run = load_search_file(search_dir)
     check_resumable(search_dir)
     return read_results(run, search_dir, load_tracking_uri(search_dir))

@@ -19,6 +19,7 @@ from amid_ray.config import RunConfig
 from amid_ray.errors import StorageFullError
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.preflight import nearest_existing
+from amid_ray.remote_storage import uri_of
 from amid_ray.sources import absolute_paths
 from amid_ray.system_metrics import SystemMetricsTarget
 from amid_ray.train_snapshot import SnapshotKeeper, repair_snapshot
@@ -99,16 +100,20 @@ def read_outcome(result: ray.train.Result) -> TrainOutcome:
     """
     history = []
     if result.checkpoint is not None:
-        history_file = Path(result.checkpoint.path) / HISTORY_FILE
-        if history_file.is_file():
-            history = json.loads(history_file.read_text())
+        checkpoint = result.checkpoint
+        history_file = f"{checkpoint.path.rstrip('/')}/{HISTORY_FILE}"
+        if checkpoint.filesystem.get_file_info(history_file).is_file:
+            with checkpoint.filesystem.open_input_stream(history_file) as stream:
+                history = json.loads(stream.read())
+    result_dir = uri_of(result.filesystem, result.path)
     scored = [(metrics, ckpt) for ckpt, metrics in (result.best_checkpoints or [])
               if math.isfinite(metrics.get(ROUGE_L, math.nan))]
     if not scored:
-        return TrainOutcome(result.path, None, {}, history)
+        return TrainOutcome(result_dir, None, {}, history)
     metrics, checkpoint = max(scored, key=lambda pair: pair[0][ROUGE_L])
-    best = str(Path(checkpoint.path) / MODEL_DIR)
-    return TrainOutcome(result.path, best, {k: _plain(v) for k, v in metrics.items()}, history)
+    # A local path, or the checkpoint's URI when the run's storage is one (`s3://…`).
+    best = uri_of(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{MODEL_DIR}")
+    return TrainOutcome(result_dir, best, {k: _plain(v) for k, v in metrics.items()}, history)
 
 
 def _plain(value: Any) -> Any:

@@ -25,7 +25,7 @@ TORCH_ONLY = ("amid_ray.chunked_loss", "amid_ray.losses", "amid_ray.schedule",
 CORE = ("amid_ray.search_space", "amid_ray.config", "amid_ray.data", "amid_ray.lm_corpus",
         "amid_ray.evaluation", "amid_ray.models", "amid_ray.sgo", "amid_ray.teacher_cache",
         "amid_ray.cache_plan", "amid_ray.sources", "amid_ray.selection", "amid_ray.demo",
-        "amid_ray.preflight")
+        "amid_ray.remote_storage", "amid_ray.preflight")
 #: What only the layers above the core (worker, training, search, tracking, CLI) may import.
 ABOVE_THE_CORE = ("ray", "mlflow", "optuna")
 #: What the loss modules must not pull in: the rest of the stack, transformers included.

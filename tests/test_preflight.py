@@ -389,10 +389,6 @@ def test_an_existing_search_folder_is_refused(make_run, tmp_path):
     check_storage(make_run())  # a training run resumes its own folder
 
 
-def test_remote_storage_is_left_to_ray(make_run, tmp_path):
-    check_storage(make_run(**{"resources.storage": "s3://bucket/runs"}), tmp_path / "x")
-
-
 # --------------------------------------------------------------------------- tracking URI
 
 

@@ -42,6 +42,7 @@ from amid_ray.search import (
     save_search_file,
     save_tracking_uri,
     search_dir_for,
+    search_location,
     search_spec,
     total_trials,
 )
@@ -362,9 +363,14 @@ def test_the_search_folder_is_the_storage_and_the_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = config_from_dict({"name": "s1", "resources": {"storage": "runs"}}, "test")
     assert search_dir_for(run) == tmp_path.resolve() / "runs" / "s1"
-    remote = config_from_dict({"name": "s1", "resources": {"storage": "s3://bucket/runs"}}, "x")
-    with pytest.raises(ConfigError, match="resources.storage.*local or mounted"):
-        search_dir_for(remote)
+    # At a URI: the search is <storage>/<name> there, its driver's files in a staging folder.
+    monkeypatch.setenv("AMID_RAY_CACHE", str(tmp_path / "cache"))
+    remote = config_from_dict({"name": "s1", "resources": {"storage": "s3://bucket/runs/"}}, "x")
+    assert search_location(remote) == "s3://bucket/runs/s1"
+    staging = search_dir_for(remote)
+    assert staging.name == "s1" and staging.parent.parent == tmp_path / "cache" / "searches"
+    other = config_from_dict({"name": "s1", "resources": {"storage": "s3://other/runs"}}, "x")
+    assert search_dir_for(other) != staging  # one staging folder per search URI
 
 
 def test_the_search_file_gives_back_the_run_it_saved(tmp_path):
