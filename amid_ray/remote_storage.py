@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -174,9 +175,17 @@ class Mirror:
         stop = threading.Event()
 
         def loop() -> None:
+            failing = False
             while not stop.wait(every_s):
-                with contextlib.suppress(Exception):
+                try:
                     self.push()
+                    failing = False
+                except Exception as error:  # noqa: BLE001 - retried at the next push
+                    if not failing:  # said once per run of failures, not every few seconds
+                        failing = True
+                        print(f"[amid-ray] uploading the search's files to {self.uri} failed "
+                              f"({error}); retrying every {every_s:g} s", file=sys.stderr,
+                              flush=True)
 
         thread = threading.Thread(target=loop, name="amid-ray-mirror", daemon=True)
         thread.start()

@@ -10,6 +10,10 @@ Search folder `<storage>/<name>` holds everything needed to resume:
     best/              the best checkpoint over all trials, as a Hugging Face model folder
     optuna.db          the Optuna study of a sampled space (unless search.storage puts it elsewhere)
     mlflow.db          the default MLflow tracking store
+
+With storage at a URI (`s3://…`) the same layout lives in the object store: the trials write
+there themselves, and the driver works in a local staging folder (which also holds
+`storage_uri`) mirrored to it (`amid_ray.remote_storage`).
 """
 
 from __future__ import annotations

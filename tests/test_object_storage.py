@@ -19,6 +19,7 @@ import yaml
 from mlflow_helpers import tracking_summary
 from s3_helpers import object_keys, s3_server
 
+from amid_ray.cli import main as cli_main
 from amid_ray.config import config_from_dict
 from amid_ray.errors import ConfigError
 from amid_ray.preflight import check_storage
@@ -56,6 +57,21 @@ def test_the_mirror_sends_new_and_changed_files_only(bucket, tmp_path):
     copy = tmp_path / "copy"
     assert download_folder(f"s3://{bucket}/m1/search", copy) == 2
     assert (copy / "records" / "asha.json").read_text() == '{"rung": 1}'
+
+
+def test_failed_uploads_are_said_once_and_retried(bucket, tmp_path, capsys):
+    local = _folder(tmp_path / "search")
+    mirror = Mirror(local, f"s3://{bucket}/m5/search")
+    with mirror.running(every_s=0.1):
+        mirror.root = "no-such-bucket-here/search"  # the store refuses every upload meanwhile
+        (local / "search.yaml").write_text("name: changed\n")
+        time.sleep(1.0)
+        said = capsys.readouterr().err
+        mirror.root = f"{bucket}/m5/search"  # back: the next push sends what was missed
+    assert said.count("uploading the search's files to") == 1 and "retrying every 0.1 s" in said
+    copy = tmp_path / "copy"
+    download_folder(f"s3://{bucket}/m5/search", copy)
+    assert (copy / "search.yaml").read_text() == "name: changed\n"
 
 
 def test_a_sqlite_store_is_sent_as_a_consistent_snapshot(bucket, tmp_path):
@@ -125,7 +141,7 @@ def _remote_trials(bucket: str, prefix: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_a_search_on_s3_survives_a_driver_sigkill_and_ends_in_the_bucket(
-        bucket, tiny_world, search_config, tmp_path, monkeypatch):
+        bucket, tiny_world, search_config, tmp_path, monkeypatch, capsys):
     space = search_config(tiny_world, tmp_path, "on-s3", num_samples=2, max_concurrent=1,
                           scheduler=None)
     space["train"]["max_steps"] = 4
@@ -168,12 +184,10 @@ def test_a_search_on_s3_survives_a_driver_sigkill_and_ends_in_the_bucket(
 
     # `amid-ray best` from the bucket alone, in a fresh cache (another machine, as far as the
     # local copy goes): each trial ran its 2 rounds once, with no restart from step 0.
-    best = subprocess.run([sys.executable, "-m", "amid_ray.cli", "best", uri], cwd=tmp_path,
-                          env={**env, "AMID_RAY_CACHE": str(tmp_path / "elsewhere")},
-                          capture_output=True, text=True, timeout=300)
-    assert best.returncode == 0, best.stderr[-3000:]
-    assert json.loads(best.stdout.strip().splitlines()[-1])["best_checkpoint"] == f"{uri}/best"
-    monkeypatch.setenv("AMID_RAY_CACHE", str(tmp_path / "reader"))
+    monkeypatch.setenv("AMID_RAY_CACHE", str(tmp_path / "elsewhere"))
+    assert cli_main(["best", uri]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_checkpoint"] == (
+        f"{uri}/best")
     outcome = search_results(uri)
     assert sorted(r.trial_id for r in outcome.records) == sorted(trials)
     for record in outcome.records:

@@ -25,7 +25,7 @@ from amid_ray.training import read_outcome
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TRIALS, MAX_STEPS, EVERY = 6, 6, 2  # the tiny search of conftest.py: 3 evaluation rounds
+TRIALS, MAX_STEPS, EVERY = 5, 6, 2  # the tiny search of conftest.py: 3 evaluation rounds
 
 
 def test_three_driver_sigkills_keep_finished_work_and_asha_decisions(
