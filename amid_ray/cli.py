@@ -108,11 +108,12 @@ def _finish_search(outcome) -> int:
         print("no trial produced a checkpoint", file=sys.stderr)
         _print_json_last(outcome.summary())
         return 1
+    summary = outcome.summary()  # names a search stored at a URI by its URI
     print(f"best: trial {outcome.best.trial_id}, ROUGE-L {outcome.best.best_rougeL:.2f}, "
           f"settings {outcome.best_settings}")
-    print(f"best checkpoint exported to {outcome.best_dir}")
-    print(f"MLflow: {redact_uri(outcome.tracking_uri)}  (amid-ray ui {outcome.search_dir})")
-    _print_json_last(outcome.summary())
+    print(f"best checkpoint exported to {summary['best_checkpoint']}")
+    print(f"MLflow: {redact_uri(outcome.tracking_uri)}  (amid-ray ui {summary['search_dir']})")
+    _print_json_last(summary)
     return 0
 
 

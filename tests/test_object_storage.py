@@ -173,6 +173,7 @@ def test_a_search_on_s3_survives_a_driver_sigkill_and_ends_in_the_bucket(
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert f"best checkpoint exported to {uri}/best" in resumed.stdout
     assert summary["num_trials"] == 2
     assert (summary["search_dir"], summary["best_checkpoint"]) == (uri, f"{uri}/best")
 
