@@ -16,6 +16,7 @@ from pathlib import Path
 
 from amid_ray.config import RunConfig
 from amid_ray.data import InstructionExample, encode_example
+from amid_ray.remote_storage import is_uri
 from amid_ray.teacher_cache import (
     CacheIdentity,
     Encoded,
@@ -37,7 +38,7 @@ def cache_root(run: RunConfig) -> Path:
     if run.cache.dir is not None:
         return Path(run.cache.dir).expanduser().resolve()
     root = run.resources.storage_root
-    if "://" in root:
+    if is_uri(root):
         raise ValueError(f"resources.storage {root!r} is a URI: a teacher cache needs a "
                          "local or mounted folder; set cache.dir")
     return Path(root) / DEFAULT_CACHE_FOLDER

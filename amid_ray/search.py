@@ -225,10 +225,8 @@ def build_tuner(run: RunConfig, spec: SearchSpec, search_dir: Path,
 def search_dir_for(run: RunConfig) -> Path:
     """`<resources.storage>/<name>`, absolute; for storage at a URI, the local staging folder
     of `<storage>/<name>` (`remote_storage`)."""
-    root = run.resources.storage_root
-    if is_uri(root):
-        return staging_folder(join(root, run.name))
-    return Path(root) / run.name
+    location = search_location(run)
+    return staging_folder(location) if is_uri(location) else Path(location)
 
 
 def search_location(run: RunConfig) -> str:

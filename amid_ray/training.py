@@ -19,7 +19,7 @@ from amid_ray.config import RunConfig
 from amid_ray.errors import StorageFullError
 from amid_ray.metrics import ROUGE_L, STEP, VAL_LOSS
 from amid_ray.preflight import nearest_existing
-from amid_ray.remote_storage import uri_of
+from amid_ray.remote_storage import is_uri, uri_of
 from amid_ray.sources import absolute_paths
 from amid_ray.system_metrics import SystemMetricsTarget
 from amid_ray.train_snapshot import SnapshotKeeper, repair_snapshot
@@ -35,7 +35,7 @@ def build_trainer(run: RunConfig, *, name: str | None = None,
     resources = run.resources
     name = name or run.name
     callbacks = list(callbacks or [])
-    if "://" not in run.resources.storage_root:
+    if not is_uri(run.resources.storage_root):
         run_dir = Path(run.resources.storage_root) / name
         repair_snapshot(run_dir)
         callbacks.append(SnapshotKeeper(run_dir))
@@ -136,7 +136,7 @@ def run_training(run: RunConfig) -> TrainOutcome:
 def storage_full(run: RunConfig) -> StorageFullError:
     """The error for a run stopped by a full storage device, with what to do about it."""
     root = run.resources.storage_root
-    free = "" if "://" in root else f" ({_free_mib(root)} MiB free)"
+    free = "" if is_uri(root) else f" ({_free_mib(root)} MiB free)"
     return StorageFullError(
         run.source, "resources.storage", run.resources.storage,
         f"no space left on the device{free}: the run stopped, and its checkpoints stay as they "
