@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -33,6 +32,14 @@ from amid_ray.losses import AMiDSettings, amid_token_losses
 #: V = 151936, 2^24 took 15 % less time than 2^23, 2^25 another 10 %), while a chunk's dozen
 #: float32 intermediates (about 0.8 GB here) are what the step's extra memory mostly is.
 DEFAULT_FUSED_CHUNK_ELEMENTS = 1 << 24
+
+#: On CPU the per-token loss walks each chunk a few rows at a time (about 2 MB per float32
+#: intermediate, an L2 cache's worth), while the head's matmuls keep the whole chunk. A 64 MB
+#: temporary is above glibc's largest mmap threshold (32 MB), so each of the loss's thirty-odd
+#: temporaries was mapped and zero-filled afresh by the kernel: on 2 cores at V = 49152 the AMiD
+#: loss of 340 rows took 0.55 s in one piece and 0.19 s in pieces of 42 rows. On CUDA the
+#: caching allocator reuses blocks and larger kernels are better, so the chunk stays whole.
+CPU_LOSS_PART_ELEMENTS = 1 << 19
 
 
 class TeacherRows(Protocol):
@@ -76,6 +83,7 @@ class _Plan:
     settings: AMiDSettings | None
     kd_ratio: float
     chunk_rows: int
+    part_rows: int  # rows per evaluation of the per-token loss within a chunk
     matmul_dtype: torch.dtype
 
 
@@ -141,7 +149,10 @@ def _fused(hidden, weight, bias, teacher, rows, targets, settings, kd_ratio,
         matmul_dtype = torch.get_autocast_dtype(device_type)
     else:
         matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    plan = _Plan(teacher, rows, targets, settings, kd_ratio, chunk_rows, matmul_dtype)
+    part_rows = chunk_rows
+    if device_type == "cpu":
+        part_rows = min(chunk_rows, rows_per_chunk(weight.shape[0], CPU_LOSS_PART_ELEMENTS))
+    plan = _Plan(teacher, rows, targets, settings, kd_ratio, chunk_rows, part_rows, matmul_dtype)
     tensors = (hidden, weight, bias)
     wants_grad = tuple(
         t is not None and t.requires_grad and torch.is_grad_enabled() for t in tensors
@@ -208,22 +219,21 @@ def _losses_and_gradients(
             index = rows[start : start + plan.chunk_rows]
             chunk_hidden = hidden.detach().index_select(0, index).to(plan.matmul_dtype)
             student_logits = F.linear(chunk_hidden, head_weight, head_bias).to(loss_dtype)
-            student_logits.requires_grad_(any_grad)
-            with torch.enable_grad() if any_grad else nullcontext():
-                terms = []
-                if plan.teacher is not None:
-                    distil = _chunk_distillation(plan, index, student_logits,
-                                                 any_grad and kd_ratio > 0.0)
-                    distil_sum += distil.detach()
-                if kd_ratio > 0.0:
-                    terms.append(kd_ratio * distil)
-                if plan.targets is not None:
-                    ce = F.cross_entropy(student_logits, plan.targets.index_select(0, index),
-                                         reduction="sum")
-                    terms.append((1.0 - kd_ratio) * ce)
-                    ce_sum += ce.detach()
-                if any_grad:
-                    (grad_logits,) = torch.autograd.grad(sum(terms) * scale, student_logits)
+            teacher_logits = _teacher_logits(plan, index, student_logits)
+            targets = None if plan.targets is None else plan.targets.index_select(0, index)
+            grad_logits = torch.empty_like(student_logits) if any_grad else None
+            for part_start in range(0, index.numel(), plan.part_rows):
+                part = slice(part_start, part_start + plan.part_rows)
+                distil, ce = _part_losses(
+                    plan,
+                    student_logits[part],
+                    None if teacher_logits is None else teacher_logits[part],
+                    None if targets is None else targets[part],
+                    None if grad_logits is None else grad_logits[part],
+                    scale,
+                )
+                distil_sum += distil
+                ce_sum += ce
             if any_grad:
                 _fold_chunk_gradient(grad_logits, chunk_hidden, head_weight, index,
                                      grad_hidden, grad_weight, grad_bias)
@@ -233,16 +243,41 @@ def _losses_and_gradients(
     return total, distil_mean, ce_mean, [grad_hidden, grad_weight, grad_bias]
 
 
-def _chunk_distillation(plan: _Plan, index, student_logits, with_grad: bool) -> torch.Tensor:
-    """Σ of the AMiD token losses over one chunk of rows."""
+def _teacher_logits(plan: _Plan, index, student_logits) -> torch.Tensor | None:
+    """The teacher's logits (or log-probabilities) at one chunk's rows; None without a teacher."""
+    if plan.teacher is None:
+        return None
     teacher_logits = plan.teacher.logits(index)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher.logits gave {tuple(teacher_logits.shape)} for {index.numel()} "
             f"rows; the student's head gives {tuple(student_logits.shape)}"
         )
+    return teacher_logits
+
+
+def _part_losses(plan: _Plan, student_logits, teacher_logits, targets, grad_out,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AMiD and cross-entropy sums over a few rows (zeros where not asked for), detached;
+    with `grad_out` given, the gradient of their share of the scaled total is written to it."""
+    with_grad = grad_out is not None
+    logits = student_logits.detach().requires_grad_(with_grad)
+    distil = ce = logits.new_zeros(())
     with torch.set_grad_enabled(with_grad):
-        return amid_token_losses(student_logits, teacher_logits, **plan.settings.as_kwargs()).sum()
+        terms = []
+        if teacher_logits is not None:
+            with torch.set_grad_enabled(with_grad and plan.kd_ratio > 0.0):
+                distil = amid_token_losses(logits, teacher_logits,
+                                           **plan.settings.as_kwargs()).sum()
+            if plan.kd_ratio > 0.0:
+                terms.append(plan.kd_ratio * distil)
+        if targets is not None:
+            ce = F.cross_entropy(logits, targets, reduction="sum")
+            terms.append((1.0 - plan.kd_ratio) * ce)
+        if with_grad:
+            (grad,) = torch.autograd.grad(sum(terms) * scale, logits)
+            grad_out.copy_(grad)
+    return distil.detach(), ce.detach()
 
 
 def _fold_chunk_gradient(grad_logits, chunk_hidden, head_weight, index,

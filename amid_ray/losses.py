@@ -93,6 +93,13 @@ def is_degenerate(order: str, lam: float) -> bool:
 # --------------------------------------------------------------------------- the mixture
 
 
+def has_neginf(log_values: torch.Tensor) -> bool:
+    """Whether any entry is -inf. One reduction, no `[rows, V]` mask: the masks are built only
+    where a zero probability is present, which with dense logits it rarely is."""
+    return log_values.numel() > 0 and bool(log_values.amin() == -math.inf)
+
+
+
 def assistant_logprobs(
     teacher_logprobs: torch.Tensor,
     student_logprobs: torch.Tensor,
@@ -115,9 +122,9 @@ def assistant_logprobs(
     if lam == 1.0:
         return teacher_logprobs
     log_p, log_q = teacher_logprobs, student_logprobs
-    p_zero, q_zero = torch.isneginf(log_p), torch.isneginf(log_q)
-    any_zero = bool((p_zero | q_zero).any())
+    any_zero = has_neginf(log_p) or has_neginf(log_q)
     if any_zero:  # finite stand-ins keep every branch's gradient finite; `where` picks the truth
+        p_zero, q_zero = torch.isneginf(log_p), torch.isneginf(log_q)
         log_p = log_p.masked_fill(p_zero, 0.0)
         log_q = log_q.masked_fill(q_zero, 0.0)
 
@@ -232,8 +239,8 @@ def amid_token_losses(
     log_r = assistant_logprobs(
         log_p, log_q.detach() if detach_assistant else log_q, alpha=alpha, lam=lam
     )
-    masked = torch.isneginf(log_p) | torch.isneginf(log_q)
-    has_masked = bool(masked.any())
+    has_masked = has_neginf(log_p) or has_neginf(log_q)
+    masked = torch.isneginf(log_p) | torch.isneginf(log_q) if has_masked else None
 
     def divergence_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
         if has_masked:  # finite stand-ins, so the discarded entries cannot send NaN gradients

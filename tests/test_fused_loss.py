@@ -20,13 +20,22 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from amid_ray import fused_loss
 from amid_ray.fused_loss import (
     TeacherHead,
     fused_amid_loss,
     fused_cross_entropy,
     hidden_and_head,
 )
-from amid_ray.losses import DIVERGENCES, ORDERS, PRESETS, AMiDSettings, amid_loss, is_degenerate
+from amid_ray.losses import (
+    DIVERGENCES,
+    ORDERS,
+    PRESETS,
+    AMiDSettings,
+    amid_loss,
+    amid_token_losses,
+    is_degenerate,
+)
 
 ALPHAS = (-3.0, -1.0, 0.5, 1.0, 3.0)
 LAMBDAS = (0.0, 0.5, 1.0)
@@ -143,6 +152,26 @@ def test_gradient_is_zero_off_rows_and_independent_of_chunking():
     grad_hidden = results[0][1][0]
     assert grad_hidden[~problem.mask].abs().max() == 0
     assert grad_hidden[problem.mask].abs().amax(1).min() > 0
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.5, 0.0])
+def test_loss_parts_smaller_than_a_chunk_match_materialised_logits(monkeypatch, kd_ratio):
+    # On CPU the per-token loss walks each chunk a few rows at a time; at the tests' small
+    # vocabularies a part is a whole chunk unless the part size is made tiny.
+    problem = Problem(seed=9)
+    vocab = problem.weight.shape[0]
+    monkeypatch.setattr(fused_loss, "CPU_LOSS_PART_ELEMENTS", 2 * vocab)  # 2-row parts
+    part_sizes = []
+
+    def counted(student_logits, *args, **kwargs):
+        part_sizes.append(student_logits.shape[0])
+        return amid_token_losses(student_logits, *args, **kwargs)
+
+    monkeypatch.setattr(fused_loss, "amid_token_losses", counted)
+    for chunk_rows in (5, 1000):
+        assert_matches(problem, AMiDSettings(alpha=-3.0, lam=0.1), kd_ratio=kd_ratio,
+                       scale=0.5, chunk_rows=chunk_rows)
+    assert max(part_sizes) == 2 and sum(part_sizes) == 2 * problem.rows.numel()
 
 
 def test_masked_vocabulary_entries_behave_as_in_amid_loss():
