@@ -39,8 +39,10 @@ from amid_ray.teacher_cache import (
     pending_shards,
 )
 
-#: Training examples per shard file.
-SHARD_SIZE = 256
+#: Examples per shard file: the unit of building, resuming and reading. Small enough that a
+#: run's reads (a prefix of the shard order) and the dev loss's few dozen examples waste
+#: little of a last shard; a shard is some 9000 tokens, about 15 s of a CPU teacher.
+SHARD_SIZE = 64
 
 
 def _encoded_splits(run: RunConfig, tokenizer) -> dict[str, list]:
@@ -62,18 +64,19 @@ class ShardBuilder:
     def build(self, split: str, folder: str, identity: dict[str, Any],
               shard: ShardPlan) -> tuple[str, int, float]:
         began = time.perf_counter()
-        build_shard(self.teacher, self.encoded[split][shard.start : shard.stop], folder=folder,
+        build_shard(self.teacher, self.encoded[split], folder=folder,
                     identity=CacheIdentity(**identity), shard=shard,
                     pad_token_id=self.tokenizer.pad_token_id)
         return split, shard.index, time.perf_counter() - began
 
 
 def plan_run_caches(run: RunConfig) -> CachePlan:
-    """The caches `run` trains from, planned on the driver (tokenizer and data only)."""
+    """The caches `run` (or any trial of its search) trains from, planned on the driver
+    (tokenizer and data only)."""
     source = teacher_source(run.models)
     tokenizer = load_tokenizer(source)
     return plan_caches(run, source, tokenizer, _encoded_splits(run, tokenizer),
-                       vocab_size=logits_width(source))
+                       vocab_size=logits_width(source), for_search=True)
 
 
 def _actor_count(run: RunConfig, jobs: int) -> int:
@@ -87,24 +90,29 @@ def _actor_count(run: RunConfig, jobs: int) -> int:
 
 def build_run_caches(run: RunConfig, *, log: Callable[[str], None] = print
                      ) -> dict[str, TeacherCache]:
-    """Build whatever of `run`'s teacher caches is missing (needs a connected Ray), check both
-    caches in full, and return them. `run.cache.enabled` must be set."""
+    """Build whatever `run`'s teacher caches lack of what it (or any trial of its search) reads
+    (needs a connected Ray), check those parts in full, and return them. `run.cache.enabled`
+    must be set."""
     run = absolute_paths(run)
     plan = plan_run_caches(run)
     jobs = []
     for split, identity in plan.identities.items():
         folder = plan.folder(split)
-        manifest = ensure_manifest(folder, identity, shard_size=SHARD_SIZE)
-        pending = pending_shards(folder, manifest)
-        log(f"teacher cache ({split}): {folder}: {len(manifest.shards) - len(pending)} of "
-            f"{len(manifest.shards)} shards already built")
+        manifest = ensure_manifest(folder, identity, order=plan.orders[split],
+                                   shard_size=SHARD_SIZE)
+        wanted = manifest.holding(plan.reads[split])
+        pending = pending_shards(folder, manifest, wanted)
+        log(f"teacher cache ({split}): {folder}: {len(wanted) - len(pending)} of the "
+            f"{len(wanted)} shards holding the {len(plan.reads[split])} of "
+            f"{identity.num_examples} examples read already built")
         jobs += [(split, str(folder), asdict(identity), shard) for shard in pending]
     if jobs:
         _build(run, jobs, log)
     began = time.perf_counter()
     caches = open_run_caches(plan, verify=True)
     train = caches["train"]
-    log(f"teacher cache ready: {train.num_positions} training positions, top {run.cache.top_k} "
+    log(f"teacher cache ready: {train.num_positions} training positions "
+        f"({train.num_examples_held} of {len(train)} examples), top {run.cache.top_k} "
         f"of {train.identity.vocab_size} in {run.cache.dtype}, "
         f"{sum(c.size_bytes for c in caches.values()) / 2**20:.1f} MiB "
         f"(checked in {time.perf_counter() - began:.1f} s)")

@@ -32,11 +32,27 @@ def micro_batches(
         )
     epoch = 0
     while True:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        order = epoch_order(num_examples, seed=seed, epoch=epoch)
         for start in range(0, num_examples - per_step + 1, per_step):
             chunk = order[start : start + per_step]
             yield chunk[rank * batch_size : (rank + 1) * batch_size].tolist()
         epoch += 1
+
+
+def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> torch.Tensor:
+    """The order in which `micro_batches` visits the examples in epoch `epoch`."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def examples_read(num_examples: int, batch_size: int, *, seed: int, world_size: int,
+                  micro_steps: int) -> list[int]:
+    """The examples (sorted ids) that `micro_steps` micro-batches on each of `world_size`
+    workers read: a prefix of the first epoch's order, or every example once the run goes
+    past the first epoch."""
+    per_step = batch_size * world_size
+    if micro_steps > num_examples // per_step:
+        return list(range(num_examples))
+    return sorted(epoch_order(num_examples, seed=seed)[: micro_steps * per_step].tolist())
 
 
 def learning_rate_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:

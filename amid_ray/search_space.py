@@ -360,7 +360,7 @@ def _check_against_run(spec: SearchSpec, base: Mapping[str, Any], check_point: P
         fail("params", inside, f"these values, one inside each parameter's range, do not make "
              f"a valid run together: {error}")
     for param in spec.params:
-        for probe in _probes(param):
+        for probe in probe_values(param):
             try:
                 check_point(inside | {param.key: probe})
             except ConfigError as error:
@@ -372,7 +372,7 @@ def _blame_one_parameter(spec: SearchSpec, check_point: PointCheck, fail) -> Non
     invalid on its own (the others at their base values), naming that value: the probes around
     the inner point would blame whichever parameter they vary first."""
     for param in spec.params:
-        for probe in (*_probes(param), _representative(param)):
+        for probe in (*probe_values(param), _representative(param)):
             try:
                 check_point({param.key: probe})
             except ConfigError as error:
@@ -409,7 +409,7 @@ def _representative(param: Param) -> Any:
     return (param.low + param.high) / 2
 
 
-def _probes(param: Param) -> tuple[Any, ...]:
+def probe_values(param: Param) -> tuple[Any, ...]:
     """The values that stand for a parameter's whole range: every listed value, or both ends."""
     if param.possible_values() is not None:
         return param.values

@@ -1,38 +1,44 @@
-"""A teacher-output cache: the teacher's top-k at every response-predicting position of the
-training set, built once and read by every trial of a search.
+"""A teacher-output cache: the teacher's top-k at every response-predicting position of a
+split's examples, built once and read by every trial of a search.
 
 Folder `<root>/teacher-<key>/`:
 
-    manifest.json                       identity (what the cache is valid for) and shard plan
-    shard-00000-of-00012.safetensors    examples [start, stop) of the training set:
+    manifest.json                       identity (what the cache is valid for) and shard plan:
+                                        which examples each shard holds
+    shard-00000-of-00012.safetensors    the examples the manifest plans for it, in that order:
         topk_logprobs [N, k]  float16 / bfloat16 / float32   (descending per row)
         topk_ids      [N, k]  int32
         tail_logmass  [N]     float32   log of the mass outside the k ids (-inf: none)
-        offsets       [n + 1] int64     example start + i owns rows offsets[i]:offsets[i+1]
-      metadata: format, key, shard, start, stop, digest (sha256 of the tensors)
+        offsets       [n + 1] int64     its i-th example owns rows offsets[i]:offsets[i+1]
+        examples      [n]     int64     the ids of its examples (checked against the manifest)
+      metadata: format, key, shard, digest (sha256 of the tensors)
 
 An example's rows are its positions t with labels[t+1] ≠ -100, in order, for the example encoded
 by `data.encode_example` (the positions `worker.response_mask` selects). The sparse teacher and
 how the objective is evaluated from it: `sparse_teacher`.
+
+Only what is read is built. The shards follow an order of the examples (for the training set,
+the first epoch's order of the run's seed, `schedule.epoch_order`), so the examples a run of a
+few hundred steps reads, a prefix of that order, fill the first shards, and only those are
+built; a longer run later builds the next ones into the same folder.
 
 Content address: key = sha256 of the `CacheIdentity` (teacher fingerprint, tokenizer vocabulary
 hash, hash of the encoded examples and their count, the teacher's logits width, max lengths, k,
 storage dtype, format version), so a second or resumed search over the same inputs finds it.
 Building is resumable shard by shard: each shard is written under a hidden name and renamed into
 place, and a rerun rebuilds only shards that are missing or fail their check. `build_shard` is a
-plain function of its inputs (the lead runs shards as Ray tasks); `build_cache` runs all
-locally. `open_cache` checks everything before use — identity against what the run expects,
-every shard present, readable, untruncated, matching the plan and its digest — and raises
-`TeacherCacheError` naming the file and the mismatch.
+plain function of its inputs (the cache stage runs shards on Ray actors); `build_cache` runs
+them locally. `open_cache` checks everything a run will read before use — identity against what
+the run expects, every shard it needs present, readable, untruncated, matching the plan and its
+digest — and raises `TeacherCacheError` naming the file and the mismatch.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,13 +51,13 @@ from amid_ray.atomic import write_bytes_atomic, write_text_atomic
 from amid_ray.data import TrainingCollator, response_mask
 from amid_ray.sparse_teacher import SparseTeacherRows, TopKRows, sparsify
 
-CACHE_FORMAT = "amid-ray-teacher-cache/1"
+CACHE_FORMAT = "amid-ray-teacher-cache/2"
 MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
 }
 #: Tensor names of a shard, in the order the digest reads them.
-SHARD_TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "offsets")
+SHARD_TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "offsets", "examples")
 
 Encoded = Mapping[str, Sequence[int]]
 
@@ -186,10 +192,11 @@ def cache_folder(root: str | Path, identity: CacheIdentity) -> Path:
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """Shard `index` of `count`: the examples `examples` (ids into the split), in that order."""
+
     index: int
     count: int
-    start: int
-    stop: int
+    examples: tuple[int, ...]
 
     @property
     def file(self) -> str:
@@ -204,26 +211,39 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps({
             "format": CACHE_FORMAT, "key": self.identity.key(), "identity": asdict(self.identity),
-            "shards": [{"file": s.file, "start": s.start, "stop": s.stop} for s in self.shards],
-        }, indent=2)
+            "shards": [{"file": s.file, "examples": list(s.examples)} for s in self.shards],
+        })
+
+    def holding(self, examples: Iterable[int] | None) -> list[ShardPlan]:
+        """The shards that hold any of `examples` (every shard for None)."""
+        if examples is None:
+            return list(self.shards)
+        wanted = set(examples)
+        return [s for s in self.shards if not wanted.isdisjoint(s.examples)]
 
 
-def plan_shards(num_examples: int, shard_size: int) -> tuple[ShardPlan, ...]:
+def plan_shards(order: Sequence[int], shard_size: int) -> tuple[ShardPlan, ...]:
+    """Consecutive runs of `shard_size` examples of `order`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    starts = range(0, num_examples, shard_size)
-    return tuple(ShardPlan(i, len(starts), start, min(start + shard_size, num_examples))
+    starts = range(0, len(order), shard_size)
+    return tuple(ShardPlan(i, len(starts), tuple(int(e) for e in order[start:start + shard_size]))
                  for i, start in enumerate(starts))
 
 
 def ensure_manifest(folder: str | Path, identity: CacheIdentity, *,
-                    shard_size: int = 256) -> Manifest:
-    """The folder's manifest, written if absent; an existing one must be for `identity` (its
-    shard plan is kept whatever `shard_size` says)."""
+                    order: Sequence[int] | None = None, shard_size: int = 256) -> Manifest:
+    """The folder's manifest, written if absent with shards along `order` (a permutation of the
+    examples; default: their own order), so that the first examples of `order` fill the first
+    shards; an existing one must be for `identity`, and its shard plan is kept whatever `order`
+    and `shard_size` say."""
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         return read_manifest(folder, expected=identity)
-    manifest = Manifest(identity, plan_shards(identity.num_examples, shard_size))
+    order = range(identity.num_examples) if order is None else order
+    if sorted(order) != list(range(identity.num_examples)):
+        raise ValueError(f"order must list each of the {identity.num_examples} examples once")
+    manifest = Manifest(identity, plan_shards(order, shard_size))
     write_text_atomic(folder / MANIFEST, manifest.to_json())
     return manifest
 
@@ -245,7 +265,7 @@ def read_manifest(folder: str | Path, expected: CacheIdentity | None = None) -> 
                                 f"{CACHE_FORMAT!r}; rebuild the cache")
     try:
         identity = CacheIdentity(**raw["identity"])
-        shards = tuple(ShardPlan(i, len(raw["shards"]), int(s["start"]), int(s["stop"]))
+        shards = tuple(ShardPlan(i, len(raw["shards"]), tuple(int(e) for e in s["examples"]))
                        for i, s in enumerate(raw["shards"]))
         files = [s["file"] for s in raw["shards"]]
         key = raw["key"]
@@ -255,11 +275,11 @@ def read_manifest(folder: str | Path, expected: CacheIdentity | None = None) -> 
     if key != identity.key():
         raise TeacherCacheError(f"{path}: key {key!r} does not match its identity (expected "
                                 f"{identity.key()!r}); the manifest was altered; rebuild")
-    bounds = [0, *(s.stop for s in shards)]
-    if ([s.start for s in shards] != bounds[:-1] or bounds[-1] != identity.num_examples
-            or any(s.stop <= s.start for s in shards) or files != [s.file for s in shards]):
-        raise TeacherCacheError(f"{path}: the shard plan does not cover examples "
-                                f"0..{identity.num_examples} in order; rebuild")
+    listed = sorted(e for s in shards for e in s.examples)
+    if (listed != list(range(identity.num_examples)) or any(not s.examples for s in shards)
+            or files != [s.file for s in shards]):
+        raise TeacherCacheError(f"{path}: the shard plan does not hold each of the "
+                                f"{identity.num_examples} examples exactly once; rebuild")
     if expected is not None and identity != expected:
         raise TeacherCacheError(
             f"teacher cache {path} was built for other inputs: "
@@ -282,39 +302,41 @@ def build_shard(
     pad_token_id: int,
     batch_size: int = 8,
 ) -> Path:
-    """Run the frozen `teacher` over `encoded` (the examples shard.start..shard.stop, encoded as
-    the worker encodes them) and write the shard file atomically; returns its path.
+    """Run the frozen `teacher` over the shard's examples of `encoded` (the whole split, encoded
+    as the worker encodes it) and write the shard file atomically; returns its path.
 
     Examples are batched by length (less padding; right padding leaves the real positions'
     logits unchanged under a causal mask), on the teacher's device and in its dtype.
     """
-    if len(encoded) != shard.stop - shard.start:
-        raise ValueError(f"shard {shard.index} covers examples {shard.start}..{shard.stop} but "
-                         f"{len(encoded)} encoded examples were given")
+    if len(encoded) != identity.num_examples:
+        raise ValueError(f"{len(encoded)} encoded examples but the cache identity says "
+                         f"{identity.num_examples}")
+    members = [encoded[i] for i in shard.examples]
     storage = STORAGE_DTYPES[identity.dtype]
     device = next(teacher.parameters()).device
     collate = TrainingCollator(pad_token_id)
-    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    rows: list[TopKRows | None] = [None] * len(encoded)
+    by_length = sorted(range(len(members)), key=lambda i: len(members[i]["input_ids"]))
+    rows: list[TopKRows | None] = [None] * len(members)
     with torch.no_grad():
         for start in range(0, len(by_length), batch_size):
-            members = by_length[start : start + batch_size]
-            batch = collate([encoded[i] for i in members])
+            batched = by_length[start : start + batch_size]
+            batch = collate([members[i] for i in batched])
             logits = teacher(input_ids=batch["input_ids"].to(device),
                              attention_mask=batch["attention_mask"].to(device)).logits
             if logits.shape[-1] != identity.vocab_size:
                 raise ValueError(f"the teacher produces {logits.shape[-1]} logits per position "
                                  f"but the cache identity says {identity.vocab_size}")
             mask = response_mask(batch["labels"])[0].to(device)
-            for j, i in enumerate(members):
+            for j, i in enumerate(batched):
                 top = sparsify(logits[j][mask[j]], identity.top_k)
                 rows[i] = TopKRows(top.logprobs.to(storage).cpu(), top.ids.to(torch.int32).cpu(),
                                    top.tail_logmass.float().cpu())
     counts = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int64)
-    tensors = dict(zip(SHARD_TENSORS, (*_cat_rows(rows, identity, storage),
-                                       counts.cumsum(0)), strict=True))
+    tensors = dict(zip(SHARD_TENSORS, (*_cat_rows(rows, identity, storage), counts.cumsum(0),
+                                       torch.tensor(shard.examples, dtype=torch.int64)),
+                       strict=True))
     metadata = {"format": CACHE_FORMAT, "key": identity.key(), "shard": str(shard.index),
-                "start": str(shard.start), "stop": str(shard.stop), "digest": _digest(tensors)}
+                "digest": _digest(tensors)}
     path = Path(folder) / shard.file
     write_bytes_atomic(path, safetensors_bytes(tensors, metadata=metadata))
     return path
@@ -330,10 +352,11 @@ def _cat_rows(rows: list[TopKRows], identity: CacheIdentity,
     return joined.logprobs, joined.ids, joined.tail_logmass
 
 
-def pending_shards(folder: str | Path, manifest: Manifest) -> list[ShardPlan]:
-    """The shards still to build: missing, or present but failing `check_shard`."""
+def pending_shards(folder: str | Path, manifest: Manifest,
+                   shards: Iterable[ShardPlan] | None = None) -> list[ShardPlan]:
+    """Of `shards` (default: all), those still to build: missing, or failing `check_shard`."""
     pending = []
-    for shard in manifest.shards:
+    for shard in manifest.shards if shards is None else shards:
         try:
             check_shard(Path(folder), manifest.identity, shard)
         except TeacherCacheError:
@@ -348,68 +371,72 @@ def build_cache(
     root: str | Path,
     *,
     pad_token_id: int,
+    order: Sequence[int] | None = None,
+    examples: Iterable[int] | None = None,
     shard_size: int = 256,
     batch_size: int = 8,
     log: Callable[[str], None] | None = print,
 ) -> TeacherCache:
-    """Build (or finish) the cache of `encoded` under `root` and return it, checked.
+    """Build (or finish) the cache of `encoded` under `root` and return it, checked: the shards
+    holding `examples` (default: all), planned along `order` (see `ensure_manifest`).
 
     Shards already complete are kept; each finished shard logs a progress line through `log`.
     """
     if len(encoded) != identity.num_examples:
         raise ValueError(f"{len(encoded)} encoded examples but the identity says "
                          f"{identity.num_examples}")
+    examples = None if examples is None else sorted(set(examples))
     folder = cache_folder(root, identity)
-    manifest = ensure_manifest(folder, identity, shard_size=shard_size)
-    pending = pending_shards(folder, manifest)
-    total = len(manifest.shards)
+    manifest = ensure_manifest(folder, identity, order=order, shard_size=shard_size)
+    wanted = manifest.holding(examples)
+    pending = pending_shards(folder, manifest, wanted)
     say = log or (lambda _: None)
-    say(f"teacher cache {folder}: {total - len(pending)}/{total} shards already built")
+    say(f"teacher cache {folder}: {len(wanted) - len(pending)} of the {len(wanted)} shards "
+        f"needed already built ({len(manifest.shards)} in all)")
     began = time.perf_counter()
     for done, shard in enumerate(pending, start=1):
-        path = build_shard(teacher, encoded[shard.start : shard.stop], folder=folder,
-                           identity=identity, shard=shard, pad_token_id=pad_token_id,
-                           batch_size=batch_size)
+        path = build_shard(teacher, encoded, folder=folder, identity=identity, shard=shard,
+                           pad_token_id=pad_token_id, batch_size=batch_size)
         elapsed = time.perf_counter() - began
         left = elapsed / done * (len(pending) - done)
-        say(f"teacher cache: {path.name} (examples {shard.start}..{shard.stop - 1}) written; "
-            f"{total - len(pending) + done}/{total} shards, {elapsed:.0f} s, "
+        say(f"teacher cache: {path.name} ({len(shard.examples)} examples) written; "
+            f"{len(wanted) - len(pending) + done}/{len(wanted)} shards, {elapsed:.0f} s, "
             f"about {left:.0f} s left")
-    return open_cache(folder, expected=identity)
+    return open_cache(folder, expected=identity, examples=examples)
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def check_shard(folder: Path, identity: CacheIdentity, shard: ShardPlan, *,
-                verify_digest: bool = True) -> dict[str, torch.Tensor] | None:
-    """Raise `TeacherCacheError` unless the shard file is complete and belongs to this plan;
-    with `verify_digest` its tensors are read, checked and returned."""
+                verify_digest: bool = True) -> dict[str, torch.Tensor]:
+    """Raise `TeacherCacheError` unless the shard file is complete and belongs to this plan.
+    Returns its `offsets` and `examples`, and with `verify_digest` every tensor, read and
+    checked against the digest recorded when it was written."""
     path = folder / shard.file
     if not path.is_file():
         raise TeacherCacheError(f"teacher cache shard {path} is missing: the build was "
-                                "interrupted; run the cache build again to finish it")
+                                "interrupted, or built other examples than this run reads; run "
+                                "the cache build (amid-ray teacher-cache) with this run's config")
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             names = set(handle.keys())
-            tensors = ({name: handle.get_tensor(name) for name in SHARD_TENSORS}
-                       if verify_digest and names >= set(SHARD_TENSORS) else None)
+            read = SHARD_TENSORS if verify_digest else ("offsets", "examples")
+            tensors = ({name: handle.get_tensor(name) for name in read}
+                       if names >= set(SHARD_TENSORS) else None)
     except (SafetensorError, OSError) as error:
         raise TeacherCacheError(f"teacher cache shard {path} cannot be read ({error}): it is "
                                 "truncated or corrupt; delete it and run the cache build again"
                                 ) from None
-    expected = {"format": CACHE_FORMAT, "key": identity.key(), "shard": str(shard.index),
-                "start": str(shard.start), "stop": str(shard.stop)}
+    expected = {"format": CACHE_FORMAT, "key": identity.key(), "shard": str(shard.index)}
     wrong = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
-    if wrong or names != set(SHARD_TENSORS):
+    if wrong or tensors is None or names != set(SHARD_TENSORS):
         detail = "; ".join(f"{k} is {got!r}, expected {want!r}" for k, (got, want) in
                            wrong.items()) or f"tensors {sorted(names)}"
         raise TeacherCacheError(f"teacher cache shard {path} does not belong to this cache "
                                 f"({detail}); delete it and run the cache build again")
-    if tensors is None:
-        return None
-    if _digest(tensors) != metadata.get("digest"):
+    if verify_digest and _digest(tensors) != metadata.get("digest"):
         raise TeacherCacheError(f"teacher cache shard {path} is corrupt: its content digest "
                                 "differs from the one recorded when it was written; delete it "
                                 "and run the cache build again")
@@ -419,47 +446,57 @@ def check_shard(folder: Path, identity: CacheIdentity, shard: ShardPlan, *,
 
 def _check_shapes(path: Path, identity: CacheIdentity, shard: ShardPlan,
                   tensors: dict[str, torch.Tensor]) -> None:
-    logprobs, ids, tail, offsets = (tensors[name] for name in SHARD_TENSORS)
-    rows, k = int(offsets[-1]), identity.top_k
+    offsets, examples = tensors["offsets"], tensors["examples"]
+    rows, k, count = int(offsets[-1]), identity.top_k, len(shard.examples)
     problems = []
-    if logprobs.shape != (rows, k) or logprobs.dtype != STORAGE_DTYPES[identity.dtype]:
-        problems.append(f"topk_logprobs is {logprobs.dtype} {tuple(logprobs.shape)}, expected "
-                        f"{identity.dtype} ({rows}, {k})")
-    if ids.shape != (rows, k) or ids.dtype != torch.int32:
-        problems.append(f"topk_ids is {ids.dtype} {tuple(ids.shape)}, expected int32 "
-                        f"({rows}, {k})")
-    elif rows and not (int(ids.min()) >= 0 and int(ids.max()) < identity.vocab_size):
-        problems.append(f"topk_ids outside [0, {identity.vocab_size})")
-    if tail.shape != (rows,):
-        problems.append(f"tail_logmass has shape {tuple(tail.shape)}, expected ({rows},)")
-    if offsets.shape != (shard.stop - shard.start + 1,) or int(offsets[0]) != 0 or bool(
-            (offsets.diff() < 0).any()):
-        problems.append(f"offsets are not {shard.stop - shard.start + 1} non-decreasing "
-                        "row counts from 0")
+    if examples.tolist() != list(shard.examples):
+        problems.append("its examples are not the ones the manifest plans for it")
+    if offsets.shape != (count + 1,) or int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()):
+        problems.append(f"offsets are not {count + 1} non-decreasing row counts from 0")
+    if "topk_logprobs" in tensors:
+        logprobs, ids, tail = (tensors[name] for name in SHARD_TENSORS[:3])
+        if logprobs.shape != (rows, k) or logprobs.dtype != STORAGE_DTYPES[identity.dtype]:
+            problems.append(f"topk_logprobs is {logprobs.dtype} {tuple(logprobs.shape)}, "
+                            f"expected {identity.dtype} ({rows}, {k})")
+        if ids.shape != (rows, k) or ids.dtype != torch.int32:
+            problems.append(f"topk_ids is {ids.dtype} {tuple(ids.shape)}, expected int32 "
+                            f"({rows}, {k})")
+        elif rows and not (int(ids.min()) >= 0 and int(ids.max()) < identity.vocab_size):
+            problems.append(f"topk_ids outside [0, {identity.vocab_size})")
+        if tail.shape != (rows,):
+            problems.append(f"tail_logmass has shape {tuple(tail.shape)}, expected ({rows},)")
     if problems:
         raise TeacherCacheError(f"teacher cache shard {path} is malformed: "
                                 + "; ".join(problems) + "; delete it and rebuild")
 
 
 class TeacherCache:
-    """A checked cache folder; `entries(i)` is training example i's sparse teacher."""
+    """A checked cache folder, opened for some or all of its shards; `entries(i)` is training
+    example i's sparse teacher, for the examples those shards hold."""
 
     def __init__(self, folder: Path, manifest: Manifest,
-                 offsets: list[torch.Tensor]) -> None:
+                 offsets: dict[int, torch.Tensor]) -> None:
         self.folder = folder
         self.identity = manifest.identity
-        self._shards = manifest.shards
-        self._starts = [s.start for s in manifest.shards]
+        self._shards = [manifest.shards[number] for number in sorted(offsets)]
         self._offsets = offsets
+        self._files = {shard.index: shard.file for shard in self._shards}
+        self._where = {example: (shard.index, local) for shard in self._shards
+                       for local, example in enumerate(shard.examples)}
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
         return self.identity.num_examples
 
     @property
+    def num_examples_held(self) -> int:
+        """Examples this cache was opened for (those its opened shards hold)."""
+        return len(self._where)
+
+    @property
     def num_positions(self) -> int:
-        """Cached positions (response tokens) over the whole training set."""
-        return sum(int(o[-1]) for o in self._offsets)
+        """Cached positions (response tokens) of the examples held."""
+        return sum(int(o[-1]) for o in self._offsets.values())
 
     @property
     def size_bytes(self) -> int:
@@ -469,8 +506,12 @@ class TeacherCache:
         """Example `index`'s rows (its response-predicting positions, in order)."""
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} is outside the cache's {len(self)} examples")
-        number = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[number]
+        if index not in self._where:
+            raise TeacherCacheError(
+                f"example {index} is not among the {self.num_examples_held} examples the "
+                f"teacher cache {self.folder} was opened for (those the run was planned to "
+                "read): build the cache with this run's config (amid-ray teacher-cache)")
+        number, local = self._where[index]
         first, last = (int(v) for v in self._offsets[number][local : local + 2])
         handle = self._handle(number)
         return TopKRows(*(handle.get_slice(name)[first:last] for name in SHARD_TENSORS[:3]))
@@ -483,24 +524,22 @@ class TeacherCache:
 
     def _handle(self, number: int):
         if number not in self._handles:
-            self._handles[number] = safe_open(self.folder / self._shards[number].file,
+            self._handles[number] = safe_open(self.folder / self._files[number],
                                               framework="pt")
         return self._handles[number]
 
 
 def open_cache(folder: str | Path, expected: CacheIdentity | None = None, *,
-               verify: bool = True) -> TeacherCache:
-    """Open a complete cache after checking it (see the module docstring); `verify` also reads
-    every shard once to compare its digest. Raises `TeacherCacheError` on any problem."""
+               verify: bool = True, examples: Iterable[int] | None = None) -> TeacherCache:
+    """Open a cache for `examples` (default: all of them) after checking it (see the module
+    docstring): every shard holding one of them must be present, readable, untruncated and
+    planned for it; `verify` also reads each such shard once to compare its digest. Raises
+    `TeacherCacheError` on any problem."""
     folder = Path(folder)
     manifest = read_manifest(folder, expected)
-    offsets = []
-    for shard in manifest.shards:
-        tensors = check_shard(folder, manifest.identity, shard, verify_digest=verify)
-        if tensors is None:
-            with safe_open(folder / shard.file, framework="pt") as handle:
-                tensors = {"offsets": handle.get_tensor("offsets")}
-        offsets.append(tensors["offsets"])
+    offsets = {shard.index: check_shard(folder, manifest.identity, shard,
+                                        verify_digest=verify)["offsets"]
+               for shard in manifest.holding(examples)}
     return TeacherCache(folder, manifest, offsets)
 
 

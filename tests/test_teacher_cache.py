@@ -256,10 +256,50 @@ def test_an_altered_manifest_or_a_missing_one_is_refused(copy_of, tmp_path):
     original = json.loads(manifest.read_text())
     dropped = {**original, "shards": original["shards"][:-1]}
     manifest.write_text(json.dumps(dropped))
-    with pytest.raises(TeacherCacheError, match="does not cover examples 0..10 in order"):
+    with pytest.raises(TeacherCacheError, match="does not hold each of the 10 examples exactly"):
         open_cache(folder)
     manifest.write_text(json.dumps(original).replace('"top_k": 8', '"top_k": 9'))
     with pytest.raises(TeacherCacheError, match="does not match its identity"):
         open_cache(folder)
     with pytest.raises(TeacherCacheError, match="is not a teacher cache"):
         open_cache(tmp_path / "nothing-here")
+
+
+def test_only_the_shards_holding_the_examples_read_are_built_and_opened(world, built, tmp_path):
+    reference, identity, encoded = built
+    _, teacher = world
+    order = [3, 9, 0, 7, 1, 8, 2, 6, 5, 4]  # shards of 4: {3, 9, 0, 7}, {1, 8, 2, 6}, {5, 4}
+    counting = CrashAfter(teacher)
+    cache, _ = build(world, tmp_path, encoded, model=counting, order=order, examples=[9, 0, 7])
+    folder = cache_folder(tmp_path, identity)
+    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000-of-00003.safetensors"]
+    assert counting.calls == 2  # 4 examples in batches of 3
+    assert cache.num_examples_held == 4 and len(cache) == 10
+    for index in (3, 9, 0, 7):
+        for mine, theirs in zip(dataclasses.astuple(cache.entries(index)),
+                                dataclasses.astuple(reference.entries(index)), strict=True):
+            assert torch.equal(mine, theirs)
+    with pytest.raises(TeacherCacheError, match="example 1 is not among the 4 examples"):
+        cache.entries(1)
+    with pytest.raises(TeacherCacheError, match="shard-00001-of-00003.safetensors is missing"):
+        open_cache(folder, identity, examples=[0, 1])
+    # A run reading more builds only the shard it lacks; the manifest's plan is kept.
+    counting.calls = 0
+    wider, _ = build(world, tmp_path, encoded, model=counting, order=list(range(10)),
+                     examples=[0, 1, 8])
+    assert counting.calls == 2 and wider.num_examples_held == 8
+    assert [s.examples for s in ensure_manifest(folder, identity).shards] == [
+        (3, 9, 0, 7), (1, 8, 2, 6), (5, 4)]
+    torch.testing.assert_close(wider.entries(8).logprobs, reference.entries(8).logprobs)
+
+
+def test_a_shard_holding_other_examples_than_planned_is_refused(copy_of):
+    folder, identity, _ = copy_of
+    manifest = folder / MANIFEST
+    raw = json.loads(manifest.read_text())
+    first, second = raw["shards"][0]["examples"], raw["shards"][1]["examples"]
+    raw["shards"][0]["examples"], raw["shards"][1]["examples"] = second, first
+    manifest.write_text(json.dumps(raw))  # still a valid plan, but not what the files hold
+    with pytest.raises(TeacherCacheError, match="shard-00000-of-00003.safetensors is malformed: "
+                                                "its examples are not the ones the manifest"):
+        open_cache(folder, identity, verify=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from test_local_session import Recorder
 
+from amid_ray import cache_stage
 from amid_ray.cache_plan import SPLITS
 from amid_ray.cache_stage import build_run_caches, plan_run_caches
 from amid_ray.config import config_from_dict
@@ -29,9 +30,10 @@ def _cached_search(world, tmp_path, name: str, **cache) -> dict:
         "models": {"teacher": world["teacher"], "student": world["student"]},
         "data": {"train": world["train"], "dev": world["dev"], "max_length": 64,
                  "max_prompt_length": 48, "max_train_examples": 8},
-        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "seed": 5},
+        # 2 steps of 2 read 4 of the 8 training examples; the dev loss reads 4 of 12.
+        "train": {"lr": 1e-3, "batch_size": 2, "max_steps": 2, "seed": 5},
         "amid": {"alpha": -3.0, "lam": 0.1, "divergence": "kl", "order": "pr"},
-        "eval": {"every": 2, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "eval": {"every": 1, "num_examples": 4, "max_new_tokens": 4, "batch_size": 4},
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "storage": str(tmp_path),
                       "max_failures": 0},
         # k = V, float32: the cache is the teacher, so runs from it must equal live ones.
@@ -47,16 +49,22 @@ def _shard_files(plan):
 
 
 def test_a_search_builds_the_cache_once_and_trains_from_it(tiny_world, local_ray, tmp_path,
-                                                           capsys):
+                                                           capsys, monkeypatch):
+    monkeypatch.setattr(cache_stage, "SHARD_SIZE", 2)  # planned on this driver
     first = config_from_dict(_cached_search(tiny_world, tmp_path, "cached-a"), "test")
     outcome = run_search(first)
-    assert [(r.status, r.steps) for r in outcome.records] == [(FINISHED, 4)] * 2
+    assert [(r.status, r.steps) for r in outcome.records] == [(FINISHED, 2)] * 2
     plan = plan_run_caches(absolute_paths(first))
     assert plan.root == tmp_path / "teacher-cache"
     built = _shard_files(plan)
-    assert len([p for p in built if p.suffix == ".safetensors"]) == 2  # one shard per split
+    # Only the shards holding what the trials read: 2 of 4 (train), 2 of 6 (dev).
+    for split, planned in (("train", 4), ("dev", 6)):
+        shards = sorted(p.name for p in built if p.parent == plan.folder(split)
+                        and p.suffix == ".safetensors")
+        assert shards == [f"shard-{i:05d}-of-{planned:05d}.safetensors" for i in (0, 1)]
     log = capsys.readouterr().out
-    assert "teacher cache (train)" in log and "0 of 1 shards already built" in log
+    assert "teacher cache (train)" in log
+    assert "0 of the 2 shards holding the 4 of 8 examples read already built" in log
 
     # A second search over the same inputs (another name, another alpha grid) builds nothing.
     second = _cached_search(tiny_world, tmp_path, "cached-b")
@@ -64,7 +72,7 @@ def test_a_search_builds_the_cache_once_and_trains_from_it(tiny_world, local_ray
     run_search(config_from_dict(second, "test"))
     assert _shard_files(plan) == built
     log = capsys.readouterr().out
-    assert "1 of 1 shards already built" in log and "building" not in log
+    assert "2 of the 2 shards holding the 4 of 8 examples read" in log and "building" not in log
 
     # Trials ran from the cache: with k = V their dev loss is the live teacher's, round by round.
     def dev_losses(raw) -> list[float]:

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from amid_ray.config import config_from_dict
 from amid_ray.data import IGNORE_INDEX, response_mask
 from amid_ray.losses import amid_token_losses
-from amid_ray.schedule import learning_rate_factor, micro_batches
+from amid_ray.schedule import examples_read, learning_rate_factor, micro_batches
 from amid_ray.worker import (
     Objective,
     distillation_losses,
@@ -34,6 +34,21 @@ def test_micro_batches_partition_each_epoch_across_workers():
     assert next(again) == first_epoch[1][1]
     # The next epoch is a different permutation.
     assert take(streams[0], 2) != first_epoch[0]
+
+
+@pytest.mark.parametrize(("examples", "batch", "workers", "micro_steps"), [
+    (50, 3, 2, 4), (50, 4, 1, 12), (50, 4, 1, 13), (10, 2, 2, 3)])
+def test_examples_read_are_what_every_workers_stream_yields(examples, batch, workers,
+                                                            micro_steps):
+    streams = [micro_batches(examples, batch, seed=7, rank=r, world_size=workers)
+               for r in range(workers)]
+    seen = {i for s in streams for step in take(s, micro_steps) for i in step}
+    read = examples_read(examples, batch, seed=7, world_size=workers, micro_steps=micro_steps)
+    # Within the first epoch exactly the stream's examples; past it (50 // 4 = 12 steps, and
+    # 10 // 4 = 2), every example, since the next epochs' orders reach any of them.
+    assert read == (sorted(seen) if micro_steps <= examples // (batch * workers)
+                    else list(range(examples)))
+    assert set(read) >= seen
 
 
 def test_micro_batches_refuse_too_little_data():
