@@ -44,11 +44,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from amid_ray.atomic import write_bytes_atomic, write_text_atomic
 from amid_ray.data import TrainingCollator, response_mask
+from amid_ray.fused_loss import hidden_and_head
 from amid_ray.sparse_teacher import SparseTeacherRows, TopKRows, sparsify
 
 CACHE_FORMAT = "amid-ray-teacher-cache/2"
@@ -321,14 +323,16 @@ def build_shard(
         for start in range(0, len(by_length), batch_size):
             batched = by_length[start : start + batch_size]
             batch = collate([members[i] for i in batched])
-            logits = teacher(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).logits
-            if logits.shape[-1] != identity.vocab_size:
-                raise ValueError(f"the teacher produces {logits.shape[-1]} logits per position "
-                                 f"but the cache identity says {identity.vocab_size}")
+            # Logits only where a response token is predicted: no [batch, length, V] tensor.
+            taught = hidden_and_head(teacher, input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device))
+            if taught.weight.shape[0] != identity.vocab_size:
+                raise ValueError(f"the teacher produces {taught.weight.shape[0]} logits per "
+                                 f"position but the cache identity says {identity.vocab_size}")
             mask = response_mask(batch["labels"])[0].to(device)
             for j, i in enumerate(batched):
-                top = sparsify(logits[j][mask[j]], identity.top_k)
+                logits = F.linear(taught.hidden[j][mask[j]], taught.weight, taught.bias)
+                top = sparsify(logits, identity.top_k)
                 rows[i] = TopKRows(top.logprobs.to(storage).cpu(), top.ids.to(torch.int32).cpu(),
                                    top.tail_logmass.float().cpu())
     counts = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int64)

@@ -65,7 +65,7 @@ def build(world, root, encoded, **options):
     tokenizer, teacher = world
     identity = identity_for(tokenizer, teacher, encoded,
                             **{k: options.pop(k) for k in ("top_k", "dtype") if k in options})
-    cache = build_cache(options.pop("model", teacher), encoded, identity, root,
+    cache = build_cache(teacher, encoded, identity, root,
                         pad_token_id=tokenizer.pad_token_id, shard_size=4, batch_size=3,
                         log=None, **options)
     return cache, identity
@@ -146,26 +146,32 @@ def test_storage_dtype_is_kept_and_rounds_the_stored_values_only(world, built, t
     assert cache16.folder == cache_folder(tmp_path, identity)
 
 
-class CrashAfter(torch.nn.Module):
-    """The teacher, counting forwards, raising on forward number `crash_at` (if given)."""
+class CrashAfter:
+    """Counts the teacher's forwards (a hook on the model itself, so the build sees the real
+    model), raising on forward number `crash_at` (if given), while the block runs."""
 
     def __init__(self, teacher, crash_at=None):
-        super().__init__()
         self.teacher, self.crash_at, self.calls = teacher, crash_at, 0
 
-    def forward(self, **inputs):
+    def __enter__(self):
+        self.hook = self.teacher.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *error):
+        self.hook.remove()
+
+    def _count(self, _module, _args):
         self.calls += 1
         if self.calls == self.crash_at:
             raise RuntimeError("simulated crash")
-        return self.teacher(**inputs)
 
 
 def test_a_crashed_build_resumes_from_its_complete_shards(world, built, tmp_path):
     reference, identity, encoded = built
     _, teacher = world
     # 10 examples in shards of 4: 2 batches of 3 per full shard; forward 4 is shard 1's second.
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        build(world, tmp_path, encoded, model=CrashAfter(teacher, crash_at=4))
+    with pytest.raises(RuntimeError, match="simulated crash"), CrashAfter(teacher, crash_at=4):
+        build(world, tmp_path, encoded)
     folder = cache_folder(tmp_path, identity)
     first = folder / "shard-00000-of-00003.safetensors"
     assert first.is_file() and not (folder / "shard-00001-of-00003.safetensors").exists()
@@ -173,8 +179,8 @@ def test_a_crashed_build_resumes_from_its_complete_shards(world, built, tmp_path
     with pytest.raises(TeacherCacheError, match="shard-00001-of-00003.safetensors is missing"):
         open_cache(folder, identity)
     stamp = first.stat().st_mtime_ns
-    resumed = CrashAfter(teacher)
-    cache, _ = build(world, tmp_path, encoded, model=resumed)
+    with CrashAfter(teacher) as resumed:
+        cache, _ = build(world, tmp_path, encoded)
     assert resumed.calls == 2 + 1  # shard 1 (4 examples) and shard 2 (2 examples) only
     assert first.stat().st_mtime_ns == stamp
     for index in range(len(encoded)):
@@ -269,8 +275,8 @@ def test_only_the_shards_holding_the_examples_read_are_built_and_opened(world, b
     reference, identity, encoded = built
     _, teacher = world
     order = [3, 9, 0, 7, 1, 8, 2, 6, 5, 4]  # shards of 4: {3, 9, 0, 7}, {1, 8, 2, 6}, {5, 4}
-    counting = CrashAfter(teacher)
-    cache, _ = build(world, tmp_path, encoded, model=counting, order=order, examples=[9, 0, 7])
+    with CrashAfter(teacher) as counting:
+        cache, _ = build(world, tmp_path, encoded, order=order, examples=[9, 0, 7])
     folder = cache_folder(tmp_path, identity)
     assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000-of-00003.safetensors"]
     assert counting.calls == 2  # 4 examples in batches of 3
@@ -284,9 +290,9 @@ def test_only_the_shards_holding_the_examples_read_are_built_and_opened(world, b
     with pytest.raises(TeacherCacheError, match="shard-00001-of-00003.safetensors is missing"):
         open_cache(folder, identity, examples=[0, 1])
     # A run reading more builds only the shard it lacks; the manifest's plan is kept.
-    counting.calls = 0
-    wider, _ = build(world, tmp_path, encoded, model=counting, order=list(range(10)),
-                     examples=[0, 1, 8])
+    with CrashAfter(teacher) as counting:
+        wider, _ = build(world, tmp_path, encoded, order=list(range(10)),
+                         examples=[0, 1, 8])
     assert counting.calls == 2 and wider.num_examples_held == 8
     assert [s.examples for s in ensure_manifest(folder, identity).shards] == [
         (3, 9, 0, 7), (1, 8, 2, 6), (5, 4)]
