@@ -47,8 +47,9 @@ def is_uri(location: str) -> bool:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The file system and path of `uri`, as Ray resolves a storage path."""
-    return pafs.FileSystem.from_uri(uri)
+    """The file system and path of `uri`, as Ray resolves a storage path; a local path (made
+    absolute) resolves to the local file system."""
+    return pafs.FileSystem.from_uri(uri if is_uri(uri) else str(Path(uri).absolute()))
 
 
 def join(uri: str, *parts: str) -> str:

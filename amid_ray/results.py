@@ -124,12 +124,9 @@ def collect_trials(search_dir: Path, max_steps: int) -> list[TrialRecord]:
 
 
 def _train_outcome(train_dir: str) -> TrainOutcome | None:
-    if is_uri(train_dir):
-        filesystem, path = resolve(train_dir)
-        started = filesystem.get_file_info(f"{path}/{SNAPSHOT}").is_file
-    else:
-        started = (Path(train_dir) / SNAPSHOT).is_file()
-    if not started:  # Ray Train writes its record once a run has reported: none, no outcome
+    filesystem, path = resolve(train_dir)
+    if not filesystem.get_file_info(f"{path}/{SNAPSHOT}").is_file:
+        # Ray Train writes its record once a run has reported: none, no outcome
         return None
     return read_outcome(ray.train.Result.from_path(train_dir))
 
@@ -213,9 +210,8 @@ def dev_scores(record: TrialRecord) -> list[float] | None:
     if not record.best_checkpoint:
         return None
     checkpoint = record.best_checkpoint.rstrip("/").rsplit("/", 1)[0]
-    try:
-        text = read_bytes(join(checkpoint, DEV_SCORES_FILE)) if is_uri(checkpoint) else \
-            (Path(checkpoint) / DEV_SCORES_FILE).read_bytes()
+    try:  # a local folder or a URI alike (pyarrow raises FileNotFoundError for both)
+        text = read_bytes(join(checkpoint, DEV_SCORES_FILE))
     except FileNotFoundError:
         return None
     return json.loads(text)[ROUGE_L]

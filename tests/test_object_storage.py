@@ -22,9 +22,12 @@ from s3_helpers import object_keys, s3_server
 from amid_ray.cli import main as cli_main
 from amid_ray.config import config_from_dict
 from amid_ray.errors import ConfigError
+from amid_ray.metrics import ROUGE_L
 from amid_ray.preflight import check_storage
 from amid_ray.remote_storage import Mirror, download_folder, staging_folder
+from amid_ray.results import TrialRecord, dev_scores
 from amid_ray.search import open_search_folder, search_results
+from amid_ray.worker import DEV_SCORES_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,20 @@ def test_the_mirror_sends_new_and_changed_files_only(bucket, tmp_path):
     copy = tmp_path / "copy"
     assert download_folder(f"s3://{bucket}/m1/search", copy) == 2
     assert (copy / "records" / "asha.json").read_text() == '{"rung": 1}'
+
+
+def test_a_trials_dev_scores_are_read_from_the_bucket_or_found_missing(bucket):
+    import boto3
+
+    folder = f"{bucket}/scores/trial_1/checkpoint_000001"
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"scores/trial_1/checkpoint_000001/"
+                                  f"{DEV_SCORES_FILE}", Body=json.dumps({ROUGE_L: [0.5, 0.25]}))
+
+    def record(checkpoint):
+        return TrialRecord("t1", {}, "finished", 0.4, 1.0, 1, 1, checkpoint)
+
+    assert dev_scores(record(f"s3://{folder}/hf")) == [0.5, 0.25]
+    assert dev_scores(record(f"s3://{bucket}/scores/trial_2/checkpoint_000001/hf")) is None
 
 
 def test_failed_uploads_are_said_once_and_retried(bucket, tmp_path, capsys):
