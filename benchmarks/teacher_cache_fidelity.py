@@ -5,7 +5,7 @@ Teacher SmolLM2-135M-Instruct (the shipped GGUF), student derived from it (every
 response-predicting position the exact objective (live teacher logits) is compared with the one
 from the sparse teacher (top-k log-probs, ids and tail mass; the tail spread uniformly):
 
-    loss rel. error  |L_k - L| / L                        (token mean, order pr, λ = --lam)
+    loss rel. error  |L_k - L| / L                        (token mean, order --order, λ = --lam)
     grad cosine      cos(∂L_k/∂z, ∂L/∂z) over the student logits of all positions
     bound / loss     mean per-token certified bound (sparse_teacher_bound) / L
 
@@ -28,7 +28,7 @@ import torch
 import transformers
 
 from amid_ray.data import TrainingCollator, encode_example, load_examples, response_mask
-from amid_ray.losses import amid_loss
+from amid_ray.losses import ORDERS, amid_loss
 from amid_ray.models import derive_student, freeze_teacher, load_causal_lm, smollm2_gguf_path
 from amid_ray.sparse_teacher import TopKRows, reconstruct_logprobs, sparsify
 from amid_ray.sparse_teacher_bound import loss_error_bound
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--alphas", type=float, nargs="+", default=[-3.0, 0.5, 1.0])
     parser.add_argument("--lam", type=float, default=0.1)
+    parser.add_argument("--order", default="pr", choices=ORDERS)
     parser.add_argument("--dtype-k", type=int, default=64, help="k of the storage-dtype table")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
@@ -104,9 +105,9 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct teacher ({layers} layers), student keeps every "
           f"{args.keep_every}-th layer; {len(examples)} Dolly prompts, {tokens} response "
           f"tokens, V = {vocab}; "
-          f"order pr, λ = {args.lam}; loaded in {time.perf_counter() - began:.0f} s\n")
+          f"order {args.order}, λ = {args.lam}; loaded in {time.perf_counter() - began:.0f} s\n")
 
-    settings = [dict(alpha=alpha, lam=args.lam, divergence=divergence, order="pr")
+    settings = [dict(alpha=alpha, lam=args.lam, divergence=divergence, order=args.order)
                 for divergence in ("kl", "ab") for alpha in args.alphas]
     exact = [loss_and_grad(student_rows, teacher_rows, s) for s in settings]
     cosine = torch.nn.functional.cosine_similarity
@@ -172,7 +173,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "teacher_cache_fidelity", "teacher": "SmolLM2-135M-Instruct",
         "student_keep_every": args.keep_every, "examples": len(examples),
-        "response_tokens": tokens, "vocab": vocab, "order": "pr", "lam": args.lam,
+        "response_tokens": tokens, "vocab": vocab, "order": args.order, "lam": args.lam,
         "fidelity": fidelity, "storage": storage, "mb_per_million_tokens": sizes,
         "measured_bytes_per_token": round(measured, 2), "build_seconds": round(build_s, 2),
     }))

@@ -220,6 +220,9 @@ def test_smollm2_cpu_profile_reads_the_shared_data_and_the_pypi_teacher(instruct
     assert Path(run.data.train) == (instruct_dir / "dolly_dev.jsonl").resolve()
     assert Path(run.data.dev) == (instruct_dir / "dolly_valid.jsonl").resolve()
     assert run.search_spec.baselines == ("kd", "srkl")
+    # Its space is one where the cached teacher is faithful (kl only): the cache is on.
+    assert (run.cache.enabled, run.cache.top_k, run.amid.divergence) == (True, 256, "kl")
+    assert "amid.divergence" not in run.search_spec.keys
 
 
 def test_a_named_model_source_is_not_taken_for_a_path():
