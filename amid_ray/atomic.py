@@ -11,7 +11,8 @@ writes.
 
 - Files (`write_text_atomic`, `write_bytes_atomic`): one `os.replace` over the old file; the
   path is never missing. A crash mid-write leaves a hidden `.NAME.partial-*` file that nothing
-  reads.
+  reads. `create_text_atomic` writes a file only where none is, the first of racing writers
+  winning.
 - Folders (`atomic_folder`): a folder cannot be renamed over a non-empty one, so replacing one
   takes three steps: rename the old folder aside (`.NAME.old`), rename the new one in, delete
   the old one. Between the two renames the path is missing for an instant. A crash there leaves
@@ -48,6 +49,24 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         staging.unlink(missing_ok=True)
         raise
     return path
+
+
+def create_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> bool:
+    """Write `text` to `path` only if no file is there, whole or not at all, even when several
+    writers race: True if this call created it, False if one was there first. (A hard link of
+    the complete staging file: creating a link fails where the name exists.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _partial_name(path)
+    try:
+        with staging.open("x", encoding=encoding) as handle:
+            handle.write(text)
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

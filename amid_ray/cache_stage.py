@@ -5,8 +5,10 @@ The driver plans the caches from the run's inputs without loading the teacher
 a pool of Ray actors placed like the trials' workers (`resources.cpus_per_worker`,
 `resources.gpus_per_worker`), each loading the teacher once. Every shard is written under a
 hidden name and renamed into place, so a killed stage leaves only whole shards and the next one
-builds just the rest. When all shards are in, both caches are read back in full and checked
-before any trial uses them. A second search over the same inputs finds everything built.
+builds just the rest. Only the shards holding what the run, or any trial of its search,
+reads are built (`cache_plan.search_reads`); when they are in, they are read back in full and
+checked before any trial uses them. A second search over the same inputs that reads no more
+finds everything built; one that reads more builds only the shards it lacks.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from amid_ray.config import RunConfig, config_from_dict
 from amid_ray.models import freeze_teacher, load_causal_lm, load_tokenizer, logits_width
 from amid_ray.sources import absolute_paths, load_train_dev, teacher_source
 from amid_ray.teacher_cache import (
+    SHARD_SIZE,
     CacheIdentity,
     ShardPlan,
     TeacherCache,
@@ -38,11 +41,6 @@ from amid_ray.teacher_cache import (
     ensure_manifest,
     pending_shards,
 )
-
-#: Examples per shard file: the unit of building, resuming and reading. Small enough that a
-#: run's reads (a prefix of the shard order) and the dev loss's few dozen examples waste
-#: little of a last shard; a shard is some 9000 tokens, about 15 s of a CPU teacher.
-SHARD_SIZE = 64
 
 
 def _encoded_splits(run: RunConfig, tokenizer) -> dict[str, list]:
@@ -70,13 +68,13 @@ class ShardBuilder:
         return split, shard.index, time.perf_counter() - began
 
 
-def plan_run_caches(run: RunConfig) -> CachePlan:
-    """The caches `run` (or any trial of its search) trains from, planned on the driver
-    (tokenizer and data only)."""
+def plan_run_caches(run: RunConfig, *, for_search: bool = True) -> CachePlan:
+    """The caches `run` (with `for_search`: or any trial of its search) trains from, planned
+    on the driver (tokenizer and data only)."""
     source = teacher_source(run.models)
     tokenizer = load_tokenizer(source)
     return plan_caches(run, source, tokenizer, _encoded_splits(run, tokenizer),
-                       vocab_size=logits_width(source), for_search=True)
+                       vocab_size=logits_width(source), for_search=for_search)
 
 
 def _actor_count(run: RunConfig, jobs: int) -> int:
@@ -88,13 +86,13 @@ def _actor_count(run: RunConfig, jobs: int) -> int:
     return max(1, min(fits, jobs))
 
 
-def build_run_caches(run: RunConfig, *, log: Callable[[str], None] = print
-                     ) -> dict[str, TeacherCache]:
-    """Build whatever `run`'s teacher caches lack of what it (or any trial of its search) reads
-    (needs a connected Ray), check those parts in full, and return them. `run.cache.enabled`
-    must be set."""
+def build_run_caches(run: RunConfig, *, for_search: bool = True,
+                     log: Callable[[str], None] = print) -> dict[str, TeacherCache]:
+    """Build whatever `run`'s teacher caches lack of what it reads (with `for_search`: what any
+    trial of its search may read; needs a connected Ray), check those parts in full, and return
+    them. `run.cache.enabled` must be set."""
     run = absolute_paths(run)
-    plan = plan_run_caches(run)
+    plan = plan_run_caches(run, for_search=for_search)
     jobs = []
     for split, identity in plan.identities.items():
         folder = plan.folder(split)

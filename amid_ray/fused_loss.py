@@ -7,7 +7,10 @@ predict a response token) in chunks; for each chunk it forms both models' logits
 the gradient with respect to the student's logits, and folds that gradient straight into the
 gradients of the student's hidden states, head weight and bias (the weight's accumulated in
 float32). Backward then only scales those buffers. Nothing `[rows, vocab]`-sized outlives a
-chunk; the per-token math is `losses.amid_token_losses`, unchanged.
+chunk; the per-token math is `losses.amid_token_losses`, unchanged, with autograd for its
+gradient, or for KL(p‖r) the closed form `losses.kl_pr_losses_and_gradient` (the same values in
+about half the passes over the logits). On CPU each chunk's per-token loss is evaluated a few
+rows at a time (`CPU_LOSS_PART_ELEMENTS`).
 
 `hidden_and_head` gets a causal LM's last hidden states (after its final norm) and its output
 head from the model's own forward (so a DDP wrapper still synchronises gradients), asking the
@@ -18,27 +21,33 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from amid_ray.chunked_loss import rows_per_chunk
-from amid_ray.losses import AMiDSettings, amid_token_losses
+from amid_ray.losses import (
+    AMiDSettings,
+    amid_token_losses,
+    has_closed_form_gradient,
+    kl_pr_losses_and_gradient,
+)
 
 #: Default logits per chunk (rows × vocabulary), 64 MB per float32 `[rows, V]` tensor: each chunk
 #: reads the head weights three times, so fewer, larger chunks are faster (on 2 CPU cores at
-#: V = 151936, 2^24 took 15 % less time than 2^23, 2^25 another 10 %), while a chunk's dozen
-#: float32 intermediates (about 0.8 GB here) are what the step's extra memory mostly is.
+#: V = 151936, 2^24 took 15 % less time than 2^23, 2^25 another 10 %). On CUDA a chunk's dozen
+#: float32 intermediates (about 0.8 GB there) are what the step's extra memory mostly is.
 DEFAULT_FUSED_CHUNK_ELEMENTS = 1 << 24
 
 #: On CPU the per-token loss walks each chunk a few rows at a time (about 2 MB per float32
 #: intermediate, an L2 cache's worth), while the head's matmuls keep the whole chunk. A 64 MB
 #: temporary is above glibc's largest mmap threshold (32 MB), so each of the loss's thirty-odd
 #: temporaries was mapped and zero-filled afresh by the kernel: on 2 cores at V = 49152 the AMiD
-#: loss of 340 rows took 0.55 s in one piece and 0.19 s in pieces of 42 rows. On CUDA the
-#: caching allocator reuses blocks and larger kernels are better, so the chunk stays whole.
+#: loss and its gradient over 340 rows took 0.55 s in one piece, 0.19 s in pieces of 42 rows
+#: and 0.14 s in pieces of 8 to 10 (2^19 elements: 10 rows here). On CUDA the caching
+#: allocator reuses blocks and larger kernels are better, so the chunk stays whole.
 CPU_LOSS_PART_ELEMENTS = 1 << 19
 
 
@@ -85,6 +94,7 @@ class _Plan:
     chunk_rows: int
     part_rows: int  # rows per evaluation of the per-token loss within a chunk
     matmul_dtype: torch.dtype
+    closed_form: bool = False  # the AMiD gradient by `kl_pr_losses_and_gradient`, not autograd
 
 
 def fused_amid_loss(
@@ -152,7 +162,8 @@ def _fused(hidden, weight, bias, teacher, rows, targets, settings, kd_ratio,
     part_rows = chunk_rows
     if device_type == "cpu":
         part_rows = min(chunk_rows, rows_per_chunk(weight.shape[0], CPU_LOSS_PART_ELEMENTS))
-    plan = _Plan(teacher, rows, targets, settings, kd_ratio, chunk_rows, part_rows, matmul_dtype)
+    plan = _Plan(teacher, rows, targets, settings, kd_ratio, chunk_rows, part_rows, matmul_dtype,
+                 closed_form=settings is not None and has_closed_form_gradient(settings))
     tensors = (hidden, weight, bias)
     wants_grad = tuple(
         t is not None and t.requires_grad and torch.is_grad_enabled() for t in tensors
@@ -261,6 +272,20 @@ def _part_losses(plan: _Plan, student_logits, teacher_logits, targets, grad_out,
     """The AMiD and cross-entropy sums over a few rows (zeros where not asked for), detached;
     with `grad_out` given, the gradient of their share of the scaled total is written to it."""
     with_grad = grad_out is not None
+    if with_grad and plan.closed_form and teacher_logits is not None and plan.kd_ratio > 0.0:
+        closed = kl_pr_losses_and_gradient(student_logits, teacher_logits,
+                                           alpha=plan.settings.alpha, lam=plan.settings.lam)
+        if closed is not None:
+            losses, grad = closed
+            grad_out.copy_(grad.mul_(plan.kd_ratio * scale))
+            if targets is None:
+                return losses.sum(), losses.new_zeros(())
+            ce_only = replace(plan, teacher=None, kd_ratio=0.0)
+            ce_grad = torch.empty_like(grad_out)
+            _, ce = _part_losses(ce_only, student_logits, None, targets, ce_grad,
+                                 (1.0 - plan.kd_ratio) * scale)
+            grad_out.add_(ce_grad)
+            return losses.sum(), ce
     logits = student_logits.detach().requires_grad_(with_grad)
     distil = ce = logits.new_zeros(())
     with torch.set_grad_enabled(with_grad):

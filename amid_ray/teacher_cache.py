@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from amid_ray.atomic import write_bytes_atomic, write_text_atomic
+from amid_ray.atomic import create_text_atomic, write_bytes_atomic
 from amid_ray.data import TrainingCollator, response_mask
 from amid_ray.fused_loss import hidden_and_head
 from amid_ray.sparse_teacher import SparseTeacherRows, TopKRows, sparsify
@@ -58,6 +58,10 @@ MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
 }
+#: Examples per shard file: the unit of building, resuming and reading. Small enough that a
+#: run's reads (a prefix of the shard order) and the dev loss's few dozen examples waste
+#: little of a last shard; a shard is some 9000 tokens, about 15 s of a CPU teacher.
+SHARD_SIZE = 64
 #: Tensor names of a shard, in the order the digest reads them.
 SHARD_TENSORS = ("topk_logprobs", "topk_ids", "tail_logmass", "offsets", "examples")
 
@@ -74,8 +78,8 @@ class TeacherCacheError(ValueError):
 _FIELD_NAMES = {
     "teacher": "teacher (fingerprint of its config and weights)",
     "tokenizer": "tokenizer (vocabulary hash)",
-    "data": "data (hash of the encoded training examples)",
-    "num_examples": "number of training examples",
+    "data": "data (hash of the encoded examples of the split)",
+    "num_examples": "number of examples in the split",
     "vocab_size": "teacher logits per position",
     "max_length": "data.max_length",
     "max_prompt_length": "data.max_prompt_length",
@@ -234,11 +238,12 @@ def plan_shards(order: Sequence[int], shard_size: int) -> tuple[ShardPlan, ...]:
 
 
 def ensure_manifest(folder: str | Path, identity: CacheIdentity, *,
-                    order: Sequence[int] | None = None, shard_size: int = 256) -> Manifest:
+                    order: Sequence[int] | None = None,
+                    shard_size: int = SHARD_SIZE) -> Manifest:
     """The folder's manifest, written if absent with shards along `order` (a permutation of the
     examples; default: their own order), so that the first examples of `order` fill the first
     shards; an existing one must be for `identity`, and its shard plan is kept whatever `order`
-    and `shard_size` say."""
+    and `shard_size` say. Of stages racing to write it, the first one's plan is everyone's."""
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         return read_manifest(folder, expected=identity)
@@ -246,7 +251,8 @@ def ensure_manifest(folder: str | Path, identity: CacheIdentity, *,
     if sorted(order) != list(range(identity.num_examples)):
         raise ValueError(f"order must list each of the {identity.num_examples} examples once")
     manifest = Manifest(identity, plan_shards(order, shard_size))
-    write_text_atomic(folder / MANIFEST, manifest.to_json())
+    if not create_text_atomic(folder / MANIFEST, manifest.to_json()):
+        return read_manifest(folder, expected=identity)  # another stage planned it first
     return manifest
 
 
@@ -377,7 +383,7 @@ def build_cache(
     pad_token_id: int,
     order: Sequence[int] | None = None,
     examples: Iterable[int] | None = None,
-    shard_size: int = 256,
+    shard_size: int = SHARD_SIZE,
     batch_size: int = 8,
     log: Callable[[str], None] | None = print,
 ) -> TeacherCache:
@@ -475,8 +481,8 @@ def _check_shapes(path: Path, identity: CacheIdentity, shard: ShardPlan,
 
 
 class TeacherCache:
-    """A checked cache folder, opened for some or all of its shards; `entries(i)` is training
-    example i's sparse teacher, for the examples those shards hold."""
+    """A checked cache folder, opened for some or all of its shards; `entries(i)` is example
+    i's sparse teacher (i indexes the split), for the examples those shards hold."""
 
     def __init__(self, folder: Path, manifest: Manifest,
                  offsets: dict[int, torch.Tensor]) -> None:
@@ -513,15 +519,16 @@ class TeacherCache:
         if index not in self._where:
             raise TeacherCacheError(
                 f"example {index} is not among the {self.num_examples_held} examples the "
-                f"teacher cache {self.folder} was opened for (those the run was planned to "
-                "read): build the cache with this run's config (amid-ray teacher-cache)")
+                f"teacher cache {self.folder} was opened for (open_cache's `examples`); in a "
+                "worker that means its batches and cache_plan.examples_read disagree, a bug "
+                "to report")
         number, local = self._where[index]
         first, last = (int(v) for v in self._offsets[number][local : local + 2])
         handle = self._handle(number)
         return TopKRows(*(handle.get_slice(name)[first:last] for name in SHARD_TENSORS[:3]))
 
     def batch_teacher(self, indices: Sequence[int], mask: torch.Tensor) -> SparseTeacherRows:
-        """The teacher of a micro-batch of training examples `indices`, collated in that order,
+        """The teacher of a micro-batch of the split's examples `indices`, collated in that order,
         whose response mask is `mask` [batch, length]."""
         return SparseTeacherRows([self.entries(i) for i in indices], mask,
                                  self.identity.vocab_size)

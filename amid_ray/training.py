@@ -124,7 +124,7 @@ def run_training(run: RunConfig) -> TrainOutcome:
     """Run (or resume, if the named run exists in storage) one distillation to the end, after
     building its teacher cache if it uses one."""
     if run.cache.enabled:
-        build_run_caches(run)
+        build_run_caches(run, for_search=False)  # this run's reads, whatever a search's
     try:
         return read_outcome(build_trainer(run).fit())
     except ray.train.TrainingFailedError as failure:

@@ -504,7 +504,7 @@ class DistillationWorker:
         encoded = {"train": self.encoded_train, "dev": self.encoded_dev}
         plan = plan_caches(self.run, teacher_source(self.run.models), self.tokenizer, encoded,
                            vocab_size=int(student.config.vocab_size))
-        # The stage read every shard when it finished; here a cheaper check of each file.
+        # The stage read every shard it built in full; here a cheaper check of each one read.
         return open_run_caches(plan, verify=False)
 
     def _open_streams(self) -> None:

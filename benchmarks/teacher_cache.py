@@ -62,7 +62,6 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 from amid_ray.cache_plan import SPLITS, encode_all, plan_caches  # noqa: E402
-from amid_ray.cache_stage import SHARD_SIZE  # noqa: E402
 from amid_ray.config import CacheConfig, RunConfig, load_config  # noqa: E402
 from amid_ray.data import TrainingCollator, response_mask  # noqa: E402
 from amid_ray.fused_loss import fused_cross_entropy, hidden_and_head  # noqa: E402
@@ -71,6 +70,7 @@ from amid_ray.schedule import micro_batches  # noqa: E402
 from amid_ray.sources import load_models, load_train_dev, teacher_source  # noqa: E402
 from amid_ray.spaces import config_path  # noqa: E402
 from amid_ray.teacher_cache import (  # noqa: E402
+    SHARD_SIZE,
     Encoded,
     Manifest,
     TeacherCache,

@@ -18,6 +18,7 @@ from amid_ray import atomic
 from amid_ray.atomic import (
     aside_name,
     atomic_folder,
+    create_text_atomic,
     recover_folder,
     write_bytes_atomic,
     write_text_atomic,
@@ -51,6 +52,15 @@ def test_write_text_creates_the_folder_and_replaces_the_file(tmp_path: Path):
     write_bytes_atomic(path, b"two")
     assert path.read_bytes() == b"two"
     assert os.listdir(path.parent) == ["search.yaml"]
+    assert path.stat().st_mode & 0o777 == usual_mode(0o666)
+
+
+def test_create_writes_only_where_no_file_is_and_the_first_writer_wins(tmp_path: Path):
+    path = tmp_path / "cache" / "manifest.json"
+    assert create_text_atomic(path, "first") is True
+    assert create_text_atomic(path, "second") is False  # as a racing second stage would
+    assert path.read_text() == "first"
+    assert os.listdir(path.parent) == ["manifest.json"]  # no staging file left either way
     assert path.stat().st_mode & 0o777 == usual_mode(0o666)
 
 

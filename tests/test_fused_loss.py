@@ -33,7 +33,6 @@ from amid_ray.losses import (
     PRESETS,
     AMiDSettings,
     amid_loss,
-    amid_token_losses,
     is_degenerate,
 )
 
@@ -155,23 +154,29 @@ def test_gradient_is_zero_off_rows_and_independent_of_chunking():
 
 
 @pytest.mark.parametrize("kd_ratio", [1.0, 0.5, 0.0])
-def test_loss_parts_smaller_than_a_chunk_match_materialised_logits(monkeypatch, kd_ratio):
+@pytest.mark.parametrize(("settings", "evaluator"), [
+    (AMiDSettings(alpha=-3.0, lam=0.1), "kl_pr_losses_and_gradient"),  # closed form
+    (AMiDSettings(alpha=2.0, lam=0.4, divergence="ab", order="rq"), "amid_token_losses"),
+])
+def test_loss_parts_smaller_than_a_chunk_match_materialised_logits(monkeypatch, kd_ratio,
+                                                                   settings, evaluator):
     # On CPU the per-token loss walks each chunk a few rows at a time; at the tests' small
     # vocabularies a part is a whole chunk unless the part size is made tiny.
     problem = Problem(seed=9)
     vocab = problem.weight.shape[0]
     monkeypatch.setattr(fused_loss, "CPU_LOSS_PART_ELEMENTS", 2 * vocab)  # 2-row parts
     part_sizes = []
+    original = getattr(fused_loss, evaluator)
 
     def counted(student_logits, *args, **kwargs):
         part_sizes.append(student_logits.shape[0])
-        return amid_token_losses(student_logits, *args, **kwargs)
+        return original(student_logits, *args, **kwargs)
 
-    monkeypatch.setattr(fused_loss, "amid_token_losses", counted)
+    monkeypatch.setattr(fused_loss, evaluator, counted)
     for chunk_rows in (5, 1000):
-        assert_matches(problem, AMiDSettings(alpha=-3.0, lam=0.1), kd_ratio=kd_ratio,
-                       scale=0.5, chunk_rows=chunk_rows)
-    assert max(part_sizes) == 2 and sum(part_sizes) == 2 * problem.rows.numel()
+        assert_matches(problem, settings, kd_ratio=kd_ratio, scale=0.5, chunk_rows=chunk_rows)
+    if kd_ratio > 0 or evaluator == "amid_token_losses":  # kd_ratio 0: no AMiD gradient to form
+        assert max(part_sizes) == 2 and sum(part_sizes) == 2 * problem.rows.numel()
 
 
 def test_masked_vocabulary_entries_behave_as_in_amid_loss():

@@ -10,10 +10,13 @@ import torch
 
 from amid_ray.losses import (
     PRESETS,
+    AMiDSettings,
     amid_loss,
     amid_token_losses,
     assistant_logprobs,
+    has_closed_form_gradient,
     is_degenerate,
+    kl_pr_losses_and_gradient,
     preset,
     validate_settings,
 )
@@ -477,3 +480,34 @@ def test_shape_errors_are_clear():
         amid_loss(student, teacher, mask[:, :-1], alpha=0.0, lam=0.1)
     with pytest.raises(ValueError, match="unknown preset 'minillm'"):
         preset("minillm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [0.05, 0.5, 0.95])
+@pytest.mark.parametrize("alpha", [-5.0, -3.0, -0.5, 0.5, 0.85, 3.0])
+def test_the_closed_form_kl_pr_gradient_is_autograds(alpha, lam, dtype):
+    g = torch.Generator().manual_seed(11)
+    student = (torch.randn(6, 40, generator=g, dtype=torch.float64) * 3).to(dtype)
+    teacher = (torch.randn(6, 40, generator=g, dtype=torch.float64) * 3).to(dtype)
+    leaf = student.clone().requires_grad_()
+    expected = amid_token_losses(leaf, teacher, alpha=alpha, lam=lam, divergence="kl",
+                                 order="pr")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    losses, grad = kl_pr_losses_and_gradient(student, teacher, alpha=alpha, lam=lam)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(losses, expected.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance)
+    assert losses.dtype == grad.dtype == dtype
+
+
+def test_the_closed_form_leaves_zero_probabilities_and_other_settings_to_autograd():
+    teacher = torch.randn(2, 8)
+    teacher[1, 3] = -math.inf
+    assert kl_pr_losses_and_gradient(torch.randn(2, 8), teacher, alpha=-3.0, lam=0.1) is None
+    assert has_closed_form_gradient(AMiDSettings(alpha=-3.0, lam=0.1))
+    for settings in (AMiDSettings(alpha=1.0, lam=0.1),  # geometric mean: k = 0
+                     AMiDSettings(alpha=0.95, lam=0.1),  # the series form near it
+                     AMiDSettings(alpha=-3.0, lam=0.0),  # an endpoint
+                     AMiDSettings(alpha=-3.0, lam=0.1, order="qr"),
+                     AMiDSettings(alpha=-3.0, lam=0.1, divergence="ab")):
+        assert not has_closed_form_gradient(settings)

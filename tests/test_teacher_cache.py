@@ -233,7 +233,7 @@ def test_a_shard_from_another_cache_is_refused(world, copy_of, tmp_path):
 
 @pytest.mark.parametrize(("change", "named"), [
     ("tokenizer", "tokenizer \\(vocabulary hash\\) is"),
-    ("data", "data \\(hash of the encoded training examples\\) is"),
+    ("data", "data \\(hash of the encoded examples of the split\\) is"),
     ("top_k", "top_k is 8 in the cache but 16 for this run"),
 ])
 def test_a_cache_built_for_other_inputs_is_refused_naming_the_difference(

@@ -50,7 +50,7 @@ def _shard_files(plan):
 
 def test_a_search_builds_the_cache_once_and_trains_from_it(tiny_world, local_ray, tmp_path,
                                                            capsys, monkeypatch):
-    monkeypatch.setattr(cache_stage, "SHARD_SIZE", 2)  # planned on this driver
+    monkeypatch.setattr(cache_stage, "SHARD_SIZE", 2)  # the stage plans on this driver
     first = config_from_dict(_cached_search(tiny_world, tmp_path, "cached-a"), "test")
     outcome = run_search(first)
     assert [(r.status, r.steps) for r in outcome.records] == [(FINISHED, 2)] * 2
