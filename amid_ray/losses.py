@@ -93,11 +93,12 @@ def is_degenerate(order: str, lam: float) -> bool:
 # --------------------------------------------------------------------------- the mixture
 
 
-def has_neginf(log_values: torch.Tensor) -> bool:
-    """Whether any entry is -inf. One reduction, no `[rows, V]` mask: the masks are built only
-    where a zero probability is present, which with dense logits it rarely is."""
-    return log_values.numel() > 0 and bool(log_values.amin() == -math.inf)
-
+def has_neginf(*log_values: torch.Tensor) -> bool:
+    """Whether any entry of any of the tensors is -inf: one reduction each and a single read of
+    the result (one device sync on a GPU), no `[rows, V]` mask. The masks are built only where a
+    zero probability is present, which with dense logits it rarely is."""
+    least = [t.amin() for t in log_values if t.numel() > 0]
+    return bool(least) and bool(torch.stack(least).min() == -math.inf)
 
 
 def assistant_logprobs(
@@ -122,7 +123,7 @@ def assistant_logprobs(
     if lam == 1.0:
         return teacher_logprobs
     log_p, log_q = teacher_logprobs, student_logprobs
-    any_zero = has_neginf(log_p) or has_neginf(log_q)
+    any_zero = has_neginf(log_p, log_q)
     if any_zero:  # finite stand-ins keep every branch's gradient finite; `where` picks the truth
         p_zero, q_zero = torch.isneginf(log_p), torch.isneginf(log_q)
         log_p = log_p.masked_fill(p_zero, 0.0)
@@ -239,7 +240,7 @@ def amid_token_losses(
     log_r = assistant_logprobs(
         log_p, log_q.detach() if detach_assistant else log_q, alpha=alpha, lam=lam
     )
-    has_masked = has_neginf(log_p) or has_neginf(log_q)
+    has_masked = has_neginf(log_p, log_q)
     masked = torch.isneginf(log_p) | torch.isneginf(log_q) if has_masked else None
 
     def divergence_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,7 @@ def kl_pr_losses_and_gradient(
     )
     log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
-    if has_neginf(log_p) or has_neginf(log_q):
+    if has_neginf(log_p, log_q):
         return None
     k = (1.0 - alpha) / 2.0
     teacher_share = torch.add(math.log(lam), log_p, alpha=k)
