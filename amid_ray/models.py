@@ -316,6 +316,12 @@ def derive_student(teacher: PreTrainedModel, keep_layers: Sequence[int]) -> PreT
     config = copy.deepcopy(teacher.config)
     keep = validate_keep_layers(keep_layers, config.num_hidden_layers)
     config.num_hidden_layers = len(keep)
+    # A teacher read from a GGUF file keeps the file's quantization_config, though its weights
+    # are de-quantised tensors. The student's are plain tensors too: without this, its saved
+    # checkpoints would reload as a "gguf-quantised" model that save_pretrained refuses (as
+    # MLflow's model logging calls it).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     if getattr(config, "layer_types", None) is not None:
         # Per-layer attention kinds (e.g. sliding window in Qwen2) must follow their layers.
         config.layer_types = [config.layer_types[index] for index in keep]

@@ -380,7 +380,7 @@ def smollm2_or_skip() -> Path:
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_teacher_and_derived_student() -> None:
+def test_smollm2_gguf_teacher_and_derived_student(tmp_path: Path) -> None:
     teacher, tokenizer = load_causal_lm(smollm2_or_skip())
     teacher = freeze_teacher(teacher)
     assert teacher.config.model_type == "llama"
@@ -403,6 +403,13 @@ def test_smollm2_gguf_teacher_and_derived_student() -> None:
     assert all(reply.strip() for reply in replies), replies
     # A correctly de-quantised teacher still knows this; the cut-down student need not.
     assert "Paris" in replies[0]
+
+    # The student's checkpoint is a plain model: reloaded, it saves again (as MLflow's model
+    # logging does), with the same weights.
+    reloaded, _ = load_causal_lm(save_model(student, tokenizer, tmp_path / "student"))
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    reloaded.save_pretrained(tmp_path / "again")
+    assert torch.equal(reloaded.lm_head.weight, student.lm_head.weight)
 
 
 def greedy_reply(
