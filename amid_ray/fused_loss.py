@@ -271,21 +271,29 @@ def _part_losses(plan: _Plan, student_logits, teacher_logits, targets, grad_out,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The AMiD and cross-entropy sums over a few rows (zeros where not asked for), detached;
     with `grad_out` given, the gradient of their share of the scaled total is written to it."""
-    with_grad = grad_out is not None
-    if with_grad and plan.closed_form and teacher_logits is not None and plan.kd_ratio > 0.0:
+    closed = None
+    if grad_out is not None and plan.closed_form and teacher_logits is not None \
+            and plan.kd_ratio > 0.0:
         closed = kl_pr_losses_and_gradient(student_logits, teacher_logits,
                                            alpha=plan.settings.alpha, lam=plan.settings.lam)
-        if closed is not None:
-            losses, grad = closed
-            grad_out.copy_(grad.mul_(plan.kd_ratio * scale))
-            if targets is None:
-                return losses.sum(), losses.new_zeros(())
-            ce_only = replace(plan, teacher=None, kd_ratio=0.0)
-            ce_grad = torch.empty_like(grad_out)
-            _, ce = _part_losses(ce_only, student_logits, None, targets, ce_grad,
-                                 (1.0 - plan.kd_ratio) * scale)
-            grad_out.add_(ce_grad)
-            return losses.sum(), ce
+    if closed is None:
+        return _autograd_part_losses(plan, student_logits, teacher_logits, targets, grad_out,
+                                     scale)
+    losses, grad = closed
+    grad_out.copy_(grad.mul_(plan.kd_ratio * scale))
+    ce = losses.new_zeros(())
+    if targets is not None:  # the cross-entropy's share, by autograd, into `grad` (now free)
+        ce_only = replace(plan, teacher=None, kd_ratio=0.0)
+        _, ce = _autograd_part_losses(ce_only, student_logits, None, targets, grad,
+                                      (1.0 - plan.kd_ratio) * scale)
+        grad_out.add_(grad)
+    return losses.sum(), ce
+
+
+def _autograd_part_losses(plan: _Plan, student_logits, teacher_logits, targets, grad_out,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_part_losses` with the gradient by autograd through `amid_token_losses`."""
+    with_grad = grad_out is not None
     logits = student_logits.detach().requires_grad_(with_grad)
     distil = ce = logits.new_zeros(())
     with torch.set_grad_enabled(with_grad):

@@ -488,10 +488,9 @@ class TeacherCache:
                  offsets: dict[int, torch.Tensor]) -> None:
         self.folder = folder
         self.identity = manifest.identity
-        self._shards = [manifest.shards[number] for number in sorted(offsets)]
+        self._shards = {number: manifest.shards[number] for number in sorted(offsets)}
         self._offsets = offsets
-        self._files = {shard.index: shard.file for shard in self._shards}
-        self._where = {example: (shard.index, local) for shard in self._shards
+        self._where = {example: (shard.index, local) for shard in self._shards.values()
                        for local, example in enumerate(shard.examples)}
         self._handles: dict[int, object] = {}
 
@@ -510,7 +509,7 @@ class TeacherCache:
 
     @property
     def size_bytes(self) -> int:
-        return sum((self.folder / s.file).stat().st_size for s in self._shards)
+        return sum((self.folder / s.file).stat().st_size for s in self._shards.values())
 
     def entries(self, index: int) -> TopKRows:
         """Example `index`'s rows (its response-predicting positions, in order)."""
@@ -535,7 +534,7 @@ class TeacherCache:
 
     def _handle(self, number: int):
         if number not in self._handles:
-            self._handles[number] = safe_open(self.folder / self._files[number],
+            self._handles[number] = safe_open(self.folder / self._shards[number].file,
                                               framework="pt")
         return self._handles[number]
 
